@@ -1,0 +1,163 @@
+"""The ``tokenrelay`` command: serve, chat, models, mock-upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tokenrelay.config import ConfigError, dump_config, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenrelay: a streaming AI gateway.")
+err = Console(stderr=True)
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+@app.command()
+def serve(
+    config: Annotated[str | None, typer.Option("--config", "-c", help="YAML config file")] = None,
+    host: Annotated[str | None, typer.Option(help="address to bind (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default 8080)")] = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes sharing the port")] = None,
+) -> None:
+    """Serve the gateway (with no config: the embedded model as 'tiny')."""
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    server = cfg.server
+    if host is not None:
+        server.host = host
+    if port is not None:
+        server.port = port
+    if workers is not None:
+        server.workers = workers
+    os.environ["TOKENRELAY_CONFIG_JSON"] = dump_config(cfg)
+    names = ", ".join(f"{m.name} ({m.provider})" for m in cfg.models)
+    err.print(f"tokenrelay on http://{server.host}:{server.port} with {server.workers} worker(s); models: {names}")
+    Granian(
+        "tokenrelay.app:create_app",
+        factory=True,
+        address=server.host,
+        port=server.port,
+        interface=Interfaces.ASGI,
+        workers=server.workers,
+        loop=Loops.uvloop,
+        backlog=server.backlog,
+        log_access=False,
+        websockets=False,
+    ).serve()
+
+
+def _models(url: str) -> list[str]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models", timeout=10) as resp:
+        return [m["id"] for m in json.load(resp)["data"]]
+
+
+@app.command()
+def models(url: Annotated[str, typer.Option(help="gateway URL")] = DEFAULT_URL) -> None:
+    """List the models a gateway serves."""
+    try:
+        names = _models(url)
+    except OSError as exc:
+        err.print(f"[red]cannot reach {url}:[/red] {exc}")
+        raise typer.Exit(1) from None
+    table = Table("model")
+    for name in names:
+        table.add_row(name)
+    Console().print(table)
+
+
+@app.command()
+def chat(
+    prompt: Annotated[str, typer.Argument(help="what to ask")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="model (default: the first served)")] = None,
+    url: Annotated[str, typer.Option(help="gateway URL")] = DEFAULT_URL,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="TOKENRELAY_API_KEY", help="API key")] = None,
+) -> None:
+    """Stream one answer, printing tokens as they arrive."""
+    try:
+        code = asyncio.run(_chat(prompt, model, url, system, max_tokens, api_key))
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
+
+
+async def _chat(prompt: str, model: str | None, url: str, system: str | None, max_tokens: int | None,
+                api_key: str | None) -> int:
+    import aiohttp
+
+    from tokenrelay.sse import SSEParser
+
+    if model is None:
+        try:
+            model = (await asyncio.to_thread(_models, url))[0]
+        except (OSError, IndexError) as exc:
+            err.print(f"[red]cannot list models at {url}:[/red] {exc}")
+            return 1
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    out = sys.stdout
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.post(f"{url.rstrip('/')}/v1/chat/completions", json=body, headers=headers) as resp:
+                if resp.status != 200:
+                    data = await resp.json(content_type=None)
+                    err.print(f"[red]error {resp.status}:[/red] {data.get('error', {}).get('message', data)}")
+                    return 1
+                parser = SSEParser()
+                async for raw in resp.content.iter_any():
+                    for ev in parser.feed(raw):
+                        if ev.data == b"[DONE]":
+                            out.write("\n")
+                            return 0
+                        chunk = json.loads(ev.data)
+                        if "error" in chunk:
+                            err.print(f"\n[red]stream error:[/red] {chunk['error'].get('message')}")
+                            return 1
+                        for choice in chunk.get("choices", []):
+                            text = choice.get("delta", {}).get("content")
+                            if text:
+                                out.write(text)
+                                out.flush()
+        except aiohttp.ClientError as exc:
+            err.print(f"[red]cannot reach {url}:[/red] {exc}")
+            return 1
+    err.print("\n[red]the stream ended without [DONE][/red]")
+    return 1
+
+
+@app.command("mock-upstream")
+def mock_upstream(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 9100,
+    options: Annotated[str, typer.Option(help='default mock options as JSON, e.g. \'{"tokens_per_second": 20}\'')]
+    = "{}",
+) -> None:
+    """Serve the mock model as an OpenAI-compatible upstream (with fault injection)."""
+    from tokenrelay.mock_server import serve as serve_mock
+
+    err.print(f"mock upstream on http://{host}:{port}/v1")
+    serve_mock(host, port, json.loads(options))
+
+
+def main() -> None:
+    app()

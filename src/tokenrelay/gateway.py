@@ -1,0 +1,80 @@
+"""The gateway pipeline shared by every transport: request -> router -> provider -> stream session.
+
+Owns the providers (and the one pooled upstream HTTP client), readiness, and the table of live
+streams. Transports call ``open()`` with a decoded ``ChatRequest`` and read the returned session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+
+from tokenrelay.config import Config
+from tokenrelay.providers import build_provider
+from tokenrelay.providers.base import Provider
+from tokenrelay.providers.openai import OpenAIProvider, new_http_session
+from tokenrelay.request import ChatRequest, new_stream_id
+from tokenrelay.router import Router
+from tokenrelay.session import StreamSession
+
+log = logging.getLogger("tokenrelay")
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.providers: dict[str, Provider] = {m.name: build_provider(m) for m in config.models}
+        self.router = Router(self.providers)
+        self.streams: dict[str, StreamSession] = {}
+        self.started_at = int(time.time())
+        self.startup_errors: dict[str, str] = {}
+        self.http: aiohttp.ClientSession | None = None
+        self._start_task: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return all(p.ready for p in self.providers.values())
+
+    def start(self) -> None:
+        """Start every provider in the background; ``ready`` turns true when all are loaded and warm."""
+        self._start_task = asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        if any(isinstance(p, OpenAIProvider) for p in self.providers.values()):
+            self.http = new_http_session(max(m.max_connections for m in self.config.models))
+            for p in self.providers.values():
+                if isinstance(p, OpenAIProvider):
+                    p.http = self.http
+
+        async def start_one(name: str, provider: Provider) -> None:
+            t0 = time.perf_counter()
+            try:
+                await provider.start()
+            except Exception as exc:
+                self.startup_errors[name] = f"{type(exc).__name__}: {exc}"
+                log.error("model %s failed to start: %s", name, exc)
+                return
+            log.info("model %s (%s) ready in %.2f s", name, provider.kind, time.perf_counter() - t0)
+
+        await asyncio.gather(*(start_one(n, p) for n, p in self.providers.items()))
+
+    async def close(self) -> None:
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+        for session in list(self.streams.values()):
+            session.cancel()
+        for provider in self.providers.values():
+            await provider.close()
+        if self.http is not None:
+            await self.http.close()
+
+    def open(self, req: ChatRequest) -> StreamSession:
+        """Route the request and start its stream; raises ``GatewayError`` for an unknown model."""
+        provider = self.router.route(req)
+        session = StreamSession(new_stream_id(), req, provider.cfg.name, provider.stream(req))
+        self.streams[session.id] = session
+        session.task.add_done_callback(lambda _t: self.streams.pop(session.id, None))
+        return session

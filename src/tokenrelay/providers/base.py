@@ -1,0 +1,38 @@
+"""The provider contract: a model backend that turns one ``ChatRequest`` into batches of events.
+
+``stream()`` is an async generator with three rules the stream session relies on:
+1. A failure before the upstream accepted the request is raised as ``GatewayError`` before any yield,
+   so the client still gets a real HTTP status.
+2. The first yield is an empty batch meaning "accepted" (the upstream answered 200, the engine queued
+   the job); response headers and keep-alives may start from then on.
+3. Every later yield is what one upstream read produced; the last batch ends with ``Usage`` (if known)
+   then ``Finish``, or with ``Error``. Cancelling the generator's task must stop the upstream work.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from typing import ClassVar
+
+from tokenrelay.config import ModelConfig
+from tokenrelay.events import Event
+from tokenrelay.request import ChatRequest
+
+
+class Provider(abc.ABC):
+    kind: ClassVar[str]
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.ready = False
+
+    async def start(self) -> None:
+        """Load and warm up; ``/readyz`` waits for every provider's start. Default: nothing to load."""
+        self.ready = True
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections, threads and models."""
+
+    @abc.abstractmethod
+    def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]: ...

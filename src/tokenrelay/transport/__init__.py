@@ -1,0 +1,1 @@
+"""Transports: how bytes reach clients (HTTP SSE today; NDJSON, WebSocket and gRPC to come)."""

@@ -1,0 +1,301 @@
+"""HTTP transport: a thin ASGI app (no framework middleware on the streaming path).
+
+Per streaming request: read and size-check the body, decode it with the client's protocol, open a stream
+session, then write what a ``Follower`` hands over: one ASGI send per batch, SSE comment keep-alives while
+the model is quiet (from before the first token), and an error event rather than a silent end if the
+stream fails. A second task per request waits on ``receive()`` for ``http.disconnect``, because granian
+(like uvicorn) does not report a vanished client through ``send()``; a client that leaves cancels its
+stream at once unless the request asked for ``on_disconnect: continue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from tokenrelay.errors import GatewayError
+from tokenrelay.events import Error
+from tokenrelay.gateway import Gateway
+from tokenrelay.protocol import openai_chat
+from tokenrelay.providers.mock import MockProvider
+from tokenrelay.session import StreamSession
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("tokenrelay.http")
+access_log = logging.getLogger("tokenrelay.access")
+
+_encode = msgspec.json.encode
+KEEPALIVE = b": keep-alive\n\n"
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    declared = _header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise GatewayError(413, f"Request body is {int(declared)} bytes; the limit is {limit}.",
+                           code="request_too_large")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = msg.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise GatewayError(413, f"Request body is over the limit of {limit} bytes.", code="request_too_large")
+            parts.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(parts)
+
+
+async def send_json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = _encode(body)
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                    *(headers or [])],
+    })
+    await send({"type": "http.response.body", "body": data})
+
+
+def error_headers(err: GatewayError) -> list[tuple[bytes, bytes]]:
+    if err.retry_after is not None:
+        return [(b"retry-after", str(max(0, round(err.retry_after))).encode())]
+    return []
+
+
+async def watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            on_gone()
+            return
+
+
+class HttpApp:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.server = gateway.config.server
+        self.routes: dict[tuple[str, str], Handler] = {
+            ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/chat/completions"): self.chat_completions,
+            ("GET", "/v1/models"): self.models,
+            ("GET", "/healthz"): self.healthz,
+            ("GET", "/readyz"): self.readyz,
+            ("GET", "/mock/stats"): self.mock_stats,
+        }
+        self.paths = {path for _, path in self.routes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.http(scope, receive, send)
+        elif kind == "lifespan":
+            await self.lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "no WebSocket endpoint at this path"})
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                self.gateway.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.gateway.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        handler = self.routes.get((scope["method"], path))
+        if handler is None and path.startswith("/v1/models/") and scope["method"] == "GET":
+            handler = self.model
+        started = False
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            started = True
+            await send(msg)
+
+        try:
+            if handler is None:
+                if path in self.paths:
+                    raise GatewayError(405, f"Method {scope['method']} is not allowed on {path}.")
+                raise GatewayError(404, f"No endpoint {scope['method']} {path}.", code="unknown_url")
+            await handler(scope, receive, tracking_send)
+        except GatewayError as err:
+            if not started:
+                await send_json(send, err.status, openai_chat.error_body(err), error_headers(err))
+        except ClientGone:
+            pass
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], path)
+            if not started:
+                err = GatewayError(500, "Internal error in the gateway.", type="server_error")
+                await send_json(send, 500, openai_chat.error_body(err))
+
+    # ------------------------------------------------------------------------------ small endpoints
+
+    async def healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, {"status": "ok"})
+
+    async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw = self.gateway
+        models = {n: ("ready" if p.ready else "failed" if n in gw.startup_errors else "loading")
+                  for n, p in gw.providers.items()}
+        body: dict[str, Any] = {"status": "ready" if gw.ready else "not ready", "models": models}
+        if gw.startup_errors:
+            body["errors"] = gw.startup_errors
+        await send_json(send, 200 if gw.ready else 503, body)
+
+    def _model_card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.gateway.started_at, "owned_by": "tokenrelay"}
+
+    async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, {"object": "list", "data": [self._model_card(n) for n in self.gateway.providers]})
+
+    async def model(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name = scope["path"][len("/v1/models/"):]
+        if name not in self.gateway.providers:
+            raise GatewayError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
+        await send_json(send, 200, self._model_card(name))
+
+    async def mock_stats(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stats = {n: p.stats for n, p in self.gateway.providers.items() if isinstance(p, MockProvider)}
+        if not stats:
+            raise GatewayError(404, "No mock models are configured.", code="unknown_url")
+        await send_json(send, 200, {n: s.__dict__ for n, s in stats.items()})
+
+    # ------------------------------------------------------------------------------ chat completions
+
+    async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        body = await read_body(scope, receive, self.server.max_body_bytes)
+        req = openai_chat.decode_request(body)
+        session = self.gateway.open(req)
+        status = 200
+        try:
+            if req.stream:
+                status = await self._stream_sse(session, receive, send)
+            else:
+                status = await self._complete(session, receive, send)
+        finally:
+            self._log(session, status, t0)
+
+    def _on_disconnect(self, session: StreamSession) -> bool:
+        policy = session.request.on_disconnect or self.server.on_disconnect
+        return policy == "cancel"
+
+    async def _stream_sse(self, session: StreamSession, receive: Receive, send: Send) -> int:
+        follower = session.follow(keepalive=self.server.keepalive_seconds)
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
+        status = 200
+        try:
+            await session.wait_started(self.server.keepalive_seconds)
+            if session.pre_error is not None:
+                err = session.pre_error
+                await send_json(send, err.status, openai_chat.error_body(err), error_headers(err))
+                return err.status
+            if follower.gone:
+                return 499
+            await send({
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*SSE_HEADERS, (b"x-stream-id", session.id.encode())],
+            })
+            req = session.request
+            encoder = openai_chat.ChatStreamEncoder(session.id, req.model, session.created, req.include_usage)
+            while (batch := await follower.next_batch()) is not None:
+                data = encoder.encode(batch) if batch else KEEPALIVE
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    follower.wrote()
+            if follower.gone:
+                return 499
+            if not encoder.finished:
+                # failed after the headers went out (for example a slow pre-stream error)
+                err_event = session.pre_error.to_event() if session.pre_error else Error(
+                    type="internal_error", message="the stream ended unexpectedly", status=500)
+                await send({"type": "http.response.body", "body": encoder.encode([err_event]), "more_body": True})
+            last = session.events[-1] if session.events else None
+            if isinstance(last, Error):
+                status = last.status
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return status
+        except OSError:
+            follower.gone = True  # the socket broke under a write
+            return 499
+        finally:
+            watcher.cancel()
+            follower.close()
+            if follower.gone and session.followers == 0 and self._on_disconnect(session):
+                session.cancel()
+
+    async def _complete(self, session: StreamSession, receive: Receive, send: Send) -> int:
+        follower = session.follow()
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
+        try:
+            while await follower.next_batch() is not None:
+                pass
+        finally:
+            watcher.cancel()
+            follower.close()
+        if follower.gone:
+            if self._on_disconnect(session):
+                session.cancel()
+            return 499
+        if session.pre_error is not None:
+            raise session.pre_error
+        builder = openai_chat.ChatCompletionBuilder(session.id, session.request.model, session.created)
+        builder.add(session.events)
+        if builder.error is not None:
+            raise GatewayError.from_event(builder.error)
+        await send_json(send, 200, builder.body(), [(b"x-stream-id", session.id.encode())])
+        return 200
+
+    def _log(self, session: StreamSession, status: int, t0: float) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        ttft = (session.first_token_at - session.started_at) * 1000 if session.first_token_at else None
+        access_log.info(
+            "request",
+            extra={"fields": {
+                "stream_id": session.id,
+                "model": session.request.model,
+                "deployment": session.deployment,
+                "stream": session.request.stream,
+                "status": status,
+                "events": len(session.events),
+                "ttft_ms": round(ttft, 2) if ttft is not None else None,
+                "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
+            }},
+        )
