@@ -44,7 +44,9 @@ def serve(
         server.workers = workers
     os.environ["TOKENRELAY_CONFIG_JSON"] = dump_config(cfg)
     names = ", ".join(f"{m.name} ({m.provider})" for m in cfg.models)
-    err.print(f"tokenrelay on http://{server.host}:{server.port} with {server.workers} worker(s); models: {names}")
+    err.print(
+        f"tokenrelay on http://{server.host}:{server.port} with {server.workers} worker(s); models: {names}"
+    )
     Granian(
         "tokenrelay.app:create_app",
         factory=True,
@@ -83,7 +85,9 @@ def models(url: Annotated[str, typer.Option(help="gateway URL")] = DEFAULT_URL) 
 @app.command()
 def chat(
     prompt: Annotated[str, typer.Argument(help="what to ask")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="model (default: the first served)")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="model (default: the first served)")
+    ] = None,
     url: Annotated[str, typer.Option(help="gateway URL")] = DEFAULT_URL,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens")] = None,
@@ -97,8 +101,9 @@ def chat(
     raise typer.Exit(code)
 
 
-async def _chat(prompt: str, model: str | None, url: str, system: str | None, max_tokens: int | None,
-                api_key: str | None) -> int:
+async def _chat(
+    prompt: str, model: str | None, url: str, system: str | None, max_tokens: int | None, api_key: str | None
+) -> int:
     import aiohttp
 
     from tokenrelay.sse import SSEParser
@@ -118,7 +123,9 @@ async def _chat(prompt: str, model: str | None, url: str, system: str | None, ma
     out = sys.stdout
     async with aiohttp.ClientSession() as http:
         try:
-            async with http.post(f"{url.rstrip('/')}/v1/chat/completions", json=body, headers=headers) as resp:
+            async with http.post(
+                f"{url.rstrip('/')}/v1/chat/completions", json=body, headers=headers
+            ) as resp:
                 if resp.status != 200:
                     data = await resp.json(content_type=None)
                     err.print(f"[red]error {resp.status}:[/red] {data.get('error', {}).get('message', data)}")
@@ -149,8 +156,9 @@ async def _chat(prompt: str, model: str | None, url: str, system: str | None, ma
 def mock_upstream(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 9100,
-    options: Annotated[str, typer.Option(help='default mock options as JSON, e.g. \'{"tokens_per_second": 20}\'')]
-    = "{}",
+    options: Annotated[
+        str, typer.Option(help="default mock options as JSON, e.g. '{\"tokens_per_second\": 20}'")
+    ] = "{}",
 ) -> None:
     """Serve the mock model as an OpenAI-compatible upstream (with fault injection)."""
     from tokenrelay.mock_server import serve as serve_mock

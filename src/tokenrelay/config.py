@@ -67,7 +67,16 @@ DEFAULT_MODELS: list[dict[str, Any]] = [
 ]
 
 # TOKENRELAY_<NAME> -> server.<name>
-_ENV_SERVER = ("host", "port", "workers", "keepalive_seconds", "max_body_bytes", "on_disconnect", "backlog", "log_level")
+_ENV_SERVER = (
+    "host",
+    "port",
+    "workers",
+    "keepalive_seconds",
+    "max_body_bytes",
+    "on_disconnect",
+    "backlog",
+    "log_level",
+)
 
 
 def _validate(data: dict[str, Any], source: str) -> Config:
@@ -102,7 +111,9 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping with 'models' (and optionally 'server')")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping with 'models' (and optionally 'server')"
+            )
         data = loaded
     server = dict(data.get("server") or {})
     for key in _ENV_SERVER:

@@ -43,13 +43,17 @@ class GatewayError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.type = type or DEFAULT_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.type = type or DEFAULT_TYPES.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
         self.param = param
         self.code = code
         self.retry_after = retry_after
 
     def to_event(self) -> Error:
-        return Error(type=self.type, message=self.message, status=self.status, code=self.code, param=self.param)
+        return Error(
+            type=self.type, message=self.message, status=self.status, code=self.code, param=self.param
+        )
 
     @classmethod
     def from_event(cls, event: Error) -> GatewayError:

@@ -25,11 +25,12 @@ from tokenrelay.openai_wire import TextPart, UserMessage
 from tokenrelay.protocol.validation import field_error
 from tokenrelay.request import ChatRequest, estimate_prompt_tokens
 
-_WORDS = (
-    "the stream flows token by token through the gateway while clients read each word as it arrives "
-    "models write answers and tokenrelay carries them with care so nothing is lost or repeated along "
-    "the way every chunk keeps its order and every stream ends in a state the client can read"
-).split()
+_TEXT = (
+    "Tokens arrive one by one through the gateway, and every client reads each word as it is written. "
+    "The model writes an answer while tokenrelay carries it with care, so nothing is lost or repeated. "
+    "Every chunk keeps its order, and every stream ends in a state the client can read."
+)
+_WORDS = tuple(_TEXT.split(" "))
 
 
 class MockToolCall(msgspec.Struct, forbid_unknown_fields=True):
@@ -97,12 +98,11 @@ def mock_tokens(opts: MockOptions, req: ChatRequest) -> list[str]:
     if opts.echo:
         words = _prompt_text(req).split(" ")
         return [w + " " for w in words[:-1]] + [words[-1]] if words else []
-    state = (zlib.crc32(_prompt_text(req).encode()) ^ opts.seed) & 0xFFFFFFFF
-    out: list[str] = []
-    for i in range(opts.tokens):
-        state = (1103515245 * state + 12345) & 0x7FFFFFFF
-        word = _WORDS[state % len(_WORDS)]
-        out.append((word.capitalize() if i == 0 else word) + ("." if i == opts.tokens - 1 else " "))
+    # a readable passage, starting at a point fixed by the prompt and seed
+    start = (zlib.crc32(_prompt_text(req).encode()) ^ opts.seed) % len(_WORDS)
+    out = [_WORDS[(start + i) % len(_WORDS)] + " " for i in range(opts.tokens)]
+    if out:
+        out[-1] = out[-1].rstrip()
     return out
 
 
@@ -116,6 +116,7 @@ class MockStats:
     failed: int = 0
     active: int = 0
     last_cancel_after_tokens: int | None = None
+    last_request: dict[str, Any] | None = None
     recent: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, outcome: str, tokens: int) -> None:
@@ -131,7 +132,11 @@ def _tool_events(opts: MockOptions, req: ChatRequest) -> list[list[Event]]:
         calls = [MockToolCall(name=name, arguments={})]
     batches: list[list[Event]] = []
     for index, call in enumerate(calls):
-        args = call.arguments if isinstance(call.arguments, str) else msgspec.json.encode(call.arguments).decode()
+        args = (
+            call.arguments
+            if isinstance(call.arguments, str)
+            else msgspec.json.encode(call.arguments).decode()
+        )
         call_id = f"call_{zlib.crc32(f'{index}:{call.name}:{args}'.encode()):08x}"
         batches.append([ToolCallDelta(index=index, id=call_id, name=call.name, arguments="")])
         step = max(1, opts.tool_chunk_chars)
@@ -148,7 +153,11 @@ async def run_script(
     if opts.error_status is not None:
         stats.failed += 1
         raise GatewayError(
-            opts.error_status, opts.error_message, type=opts.error_type, code="mock_error", retry_after=opts.retry_after
+            opts.error_status,
+            opts.error_message,
+            type=opts.error_type,
+            code="mock_error",
+            retry_after=opts.retry_after,
         )
     stats.started += 1
     stats.active += 1
@@ -198,7 +207,9 @@ async def run_script(
             finish = "tool_calls"
         tail: list[Event] = []
         if opts.usage:
-            tail.append(Usage(prompt_tokens=estimate_prompt_tokens(req), completion_tokens=sent + len(tool_batches)))
+            tail.append(
+                Usage(prompt_tokens=estimate_prompt_tokens(req), completion_tokens=sent + len(tool_batches))
+            )
         tail.append(Finish(finish))  # type: ignore[arg-type]
         outcome = "completed"
         stats.completed += 1

@@ -36,6 +36,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
         opts = parse_options(request.app[DEFAULTS], req.mock)
     except GatewayError as err:
         return _error(err)
+    stats.last_request = {
+        "model": req.model,
+        "stream": req.stream,
+        "include_usage": req.include_usage,
+        "temperature": req.temperature,
+        "extra": req.extra,
+        "authorization": request.headers.get("authorization"),
+    }
     script = run_script(opts, req, stats)
     stream_id = new_stream_id()
     created = int(asyncio.get_running_loop().time())
@@ -83,12 +91,16 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await resp.write_eof()
         return resp
     finally:
-        await script.aclose()
+        await script.aclose()  # type: ignore[attr-defined]
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [
-        {"id": "mock", "object": "model", "created": 0, "owned_by": "tokenrelay-mock"}]})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "tokenrelay-mock"}],
+        }
+    )
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -113,5 +125,12 @@ def make_app(defaults: dict[str, Any] | None = None) -> web.Application:
 
 
 def serve(host: str, port: int, defaults: dict[str, Any] | None = None) -> None:
-    web.run_app(make_app(defaults), host=host, port=port, handler_cancellation=True, backlog=4096,
-                access_log=None, print=None)
+    web.run_app(
+        make_app(defaults),
+        host=host,
+        port=port,
+        handler_cancellation=True,
+        backlog=4096,
+        access_log=None,
+        print=None,
+    )

@@ -29,8 +29,9 @@ def _wake_all(waiters: list[asyncio.Future[None]]) -> None:
 
 
 class StreamSession:
-    def __init__(self, stream_id: str, request: ChatRequest, deployment: str,
-                 source: AsyncIterator[list[Event]]) -> None:
+    def __init__(
+        self, stream_id: str, request: ChatRequest, deployment: str, source: AsyncIterator[list[Event]]
+    ) -> None:
         self.id = stream_id
         self.request = request
         self.deployment = deployment
@@ -65,7 +66,9 @@ class StreamSession:
                 self._wake()
             else:
                 if not events or not isinstance(events[-1], TERMINAL):
-                    events.append(Error(type="upstream_disconnect", message="the model's stream ended unfinished"))
+                    events.append(
+                        Error(type="upstream_disconnect", message="the model's stream ended unfinished")
+                    )
         except GatewayError as exc:
             if self.accepted:
                 events.append(exc.to_event())
@@ -91,13 +94,13 @@ class StreamSession:
         if not self.done:
             self.task.cancel()
 
-    async def wait_started(self, timeout: float) -> None:
-        """Until the provider accepted (or failed), or ``timeout`` passes."""
+    async def wait_started(self, patience: float) -> None:
+        """Until the provider accepted (or failed), or ``patience`` seconds pass."""
         if self.accepted or self.done:
             return
         fut: asyncio.Future[None] = self._loop.create_future()
         self._waiters.append(fut)
-        handle = self._loop.call_later(timeout, _wake_all, [fut])
+        handle = self._loop.call_later(patience, _wake_all, [fut])
         try:
             await fut
         finally:
@@ -145,7 +148,8 @@ class Follower:
         self.last_write = self._loop.time()
 
     async def next_batch(self) -> list[Event] | None:
-        """The events after the cursor; ``[]`` when a keep-alive is due; ``None`` at the end or if the client left."""
+        """New events after the cursor; ``[]`` when a keep-alive is due; ``None`` at the end or once the
+        client left."""
         session = self.session
         while True:
             events = session.events

@@ -53,7 +53,12 @@ def decode_request(body: bytes) -> ChatRequest:
 def to_internal(wire: ChatCompletionRequest, extra: dict[str, Any]) -> ChatRequest:
     if wire.n is not None and wire.n != 1:
         raise invalid("Only n=1 is supported.", param="n", code="unsupported_value")
-    if wire.tool_choice is not None and wire.tool_choice != "none" and wire.tool_choice != "auto" and not wire.tools:
+    if (
+        wire.tool_choice is not None
+        and wire.tool_choice != "none"
+        and wire.tool_choice != "auto"
+        and not wire.tools
+    ):
         raise invalid("'tool_choice' needs 'tools'.", param="tool_choice")
     stop = [wire.stop] if isinstance(wire.stop, str) else wire.stop
     if stop is not None and any(not s for s in stop):
@@ -103,8 +108,12 @@ class ChatStreamEncoder:
 
     def __init__(self, stream_id: str, model: str, created: int, include_usage: bool) -> None:
         common = (
-            b'data: {"id":' + _encode(stream_id) + b',"object":"chat.completion.chunk","created":'
-            + str(created).encode() + b',"model":' + _encode(model)
+            b'data: {"id":'
+            + _encode(stream_id)
+            + b',"object":"chat.completion.chunk","created":'
+            + str(created).encode()
+            + b',"model":'
+            + _encode(model)
         )
         self._head = common + b',"choices":[{"index":0,"delta":'
         self._open = b',"logprobs":null,"finish_reason":'
@@ -142,7 +151,9 @@ class ChatStreamEncoder:
                 content = b'"content":null,' if role else b""
                 out.append(self._chunk(b"{" + role + content + b'"tool_calls":[' + _encode(call) + b"]}"))
             elif type(ev) is ReasoningDelta:
-                out.append(self._chunk(b"{" + self._role() + b'"reasoning_content":' + _encode(ev.text) + b"}"))
+                out.append(
+                    self._chunk(b"{" + self._role() + b'"reasoning_content":' + _encode(ev.text) + b"}")
+                )
             elif type(ev) is Usage:
                 self._usage = ev
             elif type(ev) is Finish:
@@ -210,6 +221,8 @@ class ChatCompletionBuilder:
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish or "stop"}],
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish or "stop"}
+            ],
             "usage": usage_body(self.usage),
         }

@@ -22,7 +22,9 @@ def field_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> GatewayEr
     if what.startswith("Object missing required field `"):
         missing = what.split("`")[1]
         path = f"{path}.{missing}" if path else missing
-        return invalid(f"Missing required parameter: '{path}'.", param=path, code="missing_required_parameter")
+        return invalid(
+            f"Missing required parameter: '{path}'.", param=path, code="missing_required_parameter"
+        )
     if not path:
         return invalid(f"Invalid request body: {what}", code="invalid_value")
     what = what[:1].lower() + what[1:]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tokenrelay.config import ModelConfig
 from tokenrelay.events import Event
@@ -33,6 +33,10 @@ class Provider(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections, threads and models."""
+
+    def stats(self) -> dict[str, Any]:
+        """What ``GET /stats`` shows for this model."""
+        return {"kind": self.kind, "ready": self.ready}
 
     @abc.abstractmethod
     def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]: ...

