@@ -4,11 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMPS := .stamps
+LLAMA_CPP_VERSION := 0.3.36
+# built once per machine, outside the checkout, so fresh clones and CI reuse it
+WHEELHOUSE ?= $(HOME)/.cache/tokenrelay/wheels
 # llama.cpp is built without -march=native: AMX kernels segfault under some VMs (docs/performance.md),
 # and a portable AVX2 build is what pip caches and reuses on other machines of the same kind.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
-export FORCE_CMAKE := 1
 
 .PHONY: serve test lint bench install install-test clean
 
@@ -17,12 +19,15 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 $(STAMPS)/install: pyproject.toml | $(PY)
-	@mkdir -p $(STAMPS)
-	$(PIP) install -e .
+	@mkdir -p $(STAMPS) $(WHEELHOUSE)
+	@ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (portable AVX2; a few minutes, once per machine)"; \
+	  $(PIP) wheel --no-deps --no-cache-dir -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	$(PIP) install --find-links $(WHEELHOUSE) -e .
 	@touch $@
 
 $(STAMPS)/install-test: pyproject.toml $(STAMPS)/install
-	$(PIP) install -e '.[test,lint]'
+	$(PIP) install --find-links $(WHEELHOUSE) -e '.[test,lint]'
 	@touch $@
 
 install: $(STAMPS)/install

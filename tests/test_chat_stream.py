@@ -171,3 +171,33 @@ def test_upstream_request_shape(gateway: Server, mock_upstream: Server) -> None:
     assert seen["stream"] is True and seen["include_usage"] is True  # always streamed from upstream
     assert seen["temperature"] == 0.5
     assert seen["extra"] == {"logprobs": False}  # unmodelled fields pass through
+
+
+def test_cors_lets_browser_pages_fetch_streams(gateway: Server) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    conn.request(
+        "OPTIONS",
+        "/v1/chat/completions",
+        headers={
+            "origin": "http://example.test",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type, authorization",
+        },
+    )
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 204
+    assert resp.getheader("access-control-allow-origin") == "*"
+    assert "POST" in (resp.getheader("access-control-allow-methods") or "")
+    assert "authorization" in (resp.getheader("access-control-allow-headers") or "")
+    conn.close()
+    streamed = raw_post(
+        gateway.port,
+        "/v1/chat/completions",
+        {"model": "demo", "messages": MESSAGES, "stream": True},
+        {"origin": "http://example.test"},
+    )
+    assert streamed.headers["access-control-allow-origin"] == "*"
+    assert "x-stream-id" in streamed.headers["access-control-expose-headers"]

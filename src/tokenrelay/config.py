@@ -48,6 +48,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: int = 8 * 1024 * 1024
     on_disconnect: Literal["cancel", "continue"] = "cancel"
     backlog: int = 4096
+    cors_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
     log_level: str = "info"
 
 

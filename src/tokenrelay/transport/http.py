@@ -43,6 +43,10 @@ SSE_HEADERS = [
 ]
 
 
+STARTED = "tokenrelay.started"
+COMMON_HEADERS = "tokenrelay.headers"
+
+
 class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
@@ -78,20 +82,25 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
+async def start_response(scope: Scope, send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    """Every response starts here: it adds the app's common headers (CORS) and marks the response started."""
+    scope[STARTED] = True
+    await send({"type": "http.response.start", "status": status, "headers": headers + scope[COMMON_HEADERS]})
+
+
 async def send_json(
-    send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None
+    scope: Scope, send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     data = _encode(body)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                *(headers or []),
-            ],
-        }
+    await start_response(
+        scope,
+        send,
+        status,
+        [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+            *(headers or []),
+        ],
     )
     await send({"type": "http.response.body", "body": data})
 
@@ -124,6 +133,33 @@ class HttpApp:
             ("GET", "/stats"): self.stats,
         }
         self.paths = {path for _, path in self.routes}
+        self.cors_any = "*" in self.server.cors_origins
+        self.cors_origins = {o.encode() for o in self.server.cors_origins}
+        self.common_headers: list[tuple[bytes, bytes]] = (
+            [
+                (b"access-control-allow-origin", b"*"),
+                (b"access-control-expose-headers", b"x-stream-id, retry-after"),
+            ]
+            if self.cors_any
+            else []
+        )
+
+    async def preflight(self, scope: Scope, send: Send) -> None:
+        """CORS preflight, so pages on other origins can ``fetch`` streams."""
+        await start_response(
+            scope,
+            send,
+            204,
+            [
+                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (
+                    b"access-control-allow-headers",
+                    b"authorization, content-type, x-api-key, anthropic-version",
+                ),
+                (b"access-control-max-age", b"600"),
+            ],
+        )
+        await send({"type": "http.response.body", "body": b""})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -152,34 +188,35 @@ class HttpApp:
         handler = self.routes.get((scope["method"], path))
         if handler is None and path.startswith("/v1/models/") and scope["method"] == "GET":
             handler = self.model
-        started = False
-
-        async def tracking_send(msg: Message) -> None:
-            nonlocal started
-            started = True
-            await send(msg)
-
+        scope[COMMON_HEADERS] = self.common_headers
+        if self.cors_origins and not self.cors_any:
+            origin = _header(scope, b"origin")
+            if origin in self.cors_origins:
+                scope[COMMON_HEADERS] = [(b"access-control-allow-origin", origin), (b"vary", b"origin")]
+        if scope["method"] == "OPTIONS" and scope[COMMON_HEADERS]:
+            await self.preflight(scope, send)
+            return
         try:
             if handler is None:
                 if path in self.paths:
                     raise GatewayError(405, f"Method {scope['method']} is not allowed on {path}.")
                 raise GatewayError(404, f"No endpoint {scope['method']} {path}.", code="unknown_url")
-            await handler(scope, receive, tracking_send)
+            await handler(scope, receive, send)
         except GatewayError as err:
-            if not started:
-                await send_json(send, err.status, openai_chat.error_body(err), error_headers(err))
+            if not scope.get(STARTED):
+                await send_json(scope, send, err.status, openai_chat.error_body(err), error_headers(err))
         except ClientGone:
             pass
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], path)
-            if not started:
+            if not scope.get(STARTED):
                 internal = GatewayError(500, "Internal error in the gateway.", type="server_error")
-                await send_json(send, 500, openai_chat.error_body(internal))
+                await send_json(scope, send, 500, openai_chat.error_body(internal))
 
     # ------------------------------------------------------------------------------ small endpoints
 
     async def healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, 200, {"status": "ok"})
+        await send_json(scope, send, 200, {"status": "ok"})
 
     async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
@@ -190,14 +227,17 @@ class HttpApp:
         body: dict[str, Any] = {"status": "ready" if gw.ready else "not ready", "models": models}
         if gw.startup_errors:
             body["errors"] = gw.startup_errors
-        await send_json(send, 200 if gw.ready else 503, body)
+        await send_json(scope, send, 200 if gw.ready else 503, body)
 
     def _model_card(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.gateway.started_at, "owned_by": "tokenrelay"}
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(
-            send, 200, {"object": "list", "data": [self._model_card(n) for n in self.gateway.providers]}
+            scope,
+            send,
+            200,
+            {"object": "list", "data": [self._model_card(n) for n in self.gateway.providers]},
         )
 
     async def model(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -206,17 +246,18 @@ class HttpApp:
             raise GatewayError(
                 404, f"The model '{name}' does not exist.", param="model", code="model_not_found"
             )
-        await send_json(send, 200, self._model_card(name))
+        await send_json(scope, send, 200, self._model_card(name))
 
     async def mock_stats(self, scope: Scope, receive: Receive, send: Send) -> None:
         stats = {n: p.stats() for n, p in self.gateway.providers.items() if isinstance(p, MockProvider)}
         if not stats:
             raise GatewayError(404, "No mock models are configured.", code="unknown_url")
-        await send_json(send, 200, stats)
+        await send_json(scope, send, 200, stats)
 
     async def stats(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
         await send_json(
+            scope,
             send,
             200,
             {"active_streams": len(gw.streams), "models": {n: p.stats() for n, p in gw.providers.items()}},
@@ -232,9 +273,9 @@ class HttpApp:
         status = 200
         try:
             if req.stream:
-                status = await self._stream_sse(session, receive, send)
+                status = await self._stream_sse(scope, session, receive, send)
             else:
-                status = await self._complete(session, receive, send)
+                status = await self._complete(scope, session, receive, send)
         finally:
             self._log(session, status, t0)
 
@@ -242,7 +283,7 @@ class HttpApp:
         policy = session.request.on_disconnect or self.server.on_disconnect
         return policy == "cancel"
 
-    async def _stream_sse(self, session: StreamSession, receive: Receive, send: Send) -> int:
+    async def _stream_sse(self, scope: Scope, session: StreamSession, receive: Receive, send: Send) -> int:
         follower = session.follow(keepalive=self.server.keepalive_seconds)
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
         status = 200
@@ -250,17 +291,11 @@ class HttpApp:
             await session.wait_started(self.server.keepalive_seconds)
             if session.pre_error is not None:
                 err = session.pre_error
-                await send_json(send, err.status, openai_chat.error_body(err), error_headers(err))
+                await send_json(scope, send, err.status, openai_chat.error_body(err), error_headers(err))
                 return err.status
             if follower.gone:
                 return 499
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [*SSE_HEADERS, (b"x-stream-id", session.id.encode())],
-                }
-            )
+            await start_response(scope, send, 200, [*SSE_HEADERS, (b"x-stream-id", session.id.encode())])
             req = session.request
             encoder = openai_chat.ChatStreamEncoder(session.id, req.model, session.created, req.include_usage)
             while (batch := await follower.next_batch()) is not None:
@@ -294,7 +329,7 @@ class HttpApp:
             if follower.gone and session.followers == 0 and self._on_disconnect(session):
                 session.cancel()
 
-    async def _complete(self, session: StreamSession, receive: Receive, send: Send) -> int:
+    async def _complete(self, scope: Scope, session: StreamSession, receive: Receive, send: Send) -> int:
         follower = session.follow()
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
         try:
@@ -313,7 +348,7 @@ class HttpApp:
         builder.add(session.events)
         if builder.error is not None:
             raise GatewayError.from_event(builder.error)
-        await send_json(send, 200, builder.body(), [(b"x-stream-id", session.id.encode())])
+        await send_json(scope, send, 200, builder.body(), [(b"x-stream-id", session.id.encode())])
         return 200
 
     def _log(self, session: StreamSession, status: int, t0: float) -> None:
