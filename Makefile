@@ -40,8 +40,8 @@ test: $(STAMPS)/install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMPS)/install-test
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks)
 	$(VENV)/bin/mypy
 
 bench: $(STAMPS)/install-test
