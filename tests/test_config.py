@@ -59,6 +59,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ("models: [{name: a, provider: nope}]", "models[0].provider"),
         ("models: [{name: a, provider: mock, colour: red}]", "colour"),
         ("models: [{name: a, provider: openai}]", "base_url"),
+        ("models: [{name: a, provider: openai, base_url: 'localhost:8000/v1'}]", "models[0].base_url"),
         ("models: [{name: a, provider: mock}, {name: a, provider: mock}]", "unique"),
         ("server: {port: lots}", "server.port"),
         ("- just a list", "top level"),

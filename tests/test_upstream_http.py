@@ -150,3 +150,25 @@ async def test_refused_connection() -> None:
     await server.wait_closed()
     with pytest.raises(UpstreamConnectionError, match="cannot connect"):
         await HttpPool().request("POST", f"http://127.0.0.1:{port}/x", {}, b"")
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("http://example.test/v1", "example.test"),
+        ("https://example.test:443/v1", "example.test"),
+        ("http://example.test:8080/v1", "example.test:8080"),
+        ("http://[::1]:9000/v1", "[::1]:9000"),
+    ],
+)
+def test_host_header(url: str, host: str) -> None:
+    from tokenrelay.upstream_http import _Origin
+
+    assert _Origin(url).host_header == host
+
+
+def test_rejects_other_schemes() -> None:
+    from tokenrelay.upstream_http import _Origin
+
+    with pytest.raises(ValueError, match="unsupported upstream URL"):
+        _Origin("ftp://example.test/")

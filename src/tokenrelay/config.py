@@ -92,6 +92,8 @@ def _validate(data: dict[str, Any], source: str) -> Config:
     for i, m in enumerate(cfg.models):
         if m.provider == "openai" and not m.base_url:
             raise ConfigError(f"{source}: models[{i}] ({m.name}): provider openai needs base_url")
+        if m.base_url and not m.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{source}: models[{i}].base_url must start with http:// or https://")
     return cfg
 
 

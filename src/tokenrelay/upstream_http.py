@@ -37,7 +37,8 @@ class _Origin:
         self.ssl = parts.scheme == "https"
         self.port = parts.port or (443 if self.ssl else 80)
         default = 443 if self.ssl else 80
-        self.host_header = self.host if self.port == default else f"{self.host}:{self.port}"
+        name = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        self.host_header = name if self.port == default else f"{name}:{self.port}"
 
 
 class _Connection(asyncio.Protocol):
