@@ -201,3 +201,18 @@ def test_cors_lets_browser_pages_fetch_streams(gateway: Server) -> None:
     )
     assert streamed.headers["access-control-allow-origin"] == "*"
     assert "x-stream-id" in streamed.headers["access-control-expose-headers"]
+
+
+def test_mock_upstream_serves_the_openai_sdk_directly(mock_upstream: Server, chunk_validator: Any) -> None:
+    import time
+
+    client = openai.OpenAI(base_url=f"{mock_upstream.url}/v1", api_key="x", max_retries=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=MESSAGES, stream=True, extra_body={"mock": {"text": "one two three"}}
+        )
+    )
+    for chunk in chunks:
+        chunk_validator.validate(chunk.model_dump(exclude_unset=True))
+        assert abs(chunk.created - time.time()) < 60
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "one two three"

@@ -8,7 +8,7 @@ what it saw, including clients that went away, at ``GET /mock/stats`` (``POST /m
 
 from __future__ import annotations
 
-import asyncio
+import time
 from typing import Any
 
 import msgspec
@@ -46,7 +46,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     }
     script = run_script(opts, req, stats)
     stream_id = new_stream_id()
-    created = int(asyncio.get_running_loop().time())
+    created = int(time.time())
     try:
         try:
             await anext(script)  # accepted, or the injected HTTP error
