@@ -36,6 +36,7 @@ access_log = logging.getLogger("tokenrelay.access")
 
 _encode = msgspec.json.encode
 KEEPALIVE = b": keep-alive\n\n"
+DRAIN_CAP = 64 * 1024 * 1024
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -59,11 +60,12 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body, or 413 if it is over ``limit``. An oversized body is still read (and dropped) up to
+    ``DRAIN_CAP``: a client that is still sending when the server answers and closes gets a broken pipe
+    instead of the 413."""
     declared = _header(scope, b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise GatewayError(
-            413, f"Request body is {int(declared)} bytes; the limit is {limit}.", code="request_too_large"
-        )
+    size_hint = int(declared) if declared is not None and declared.isdigit() else 0
+    too_big = size_hint > limit
     parts: list[bytes] = []
     size = 0
     while True:
@@ -71,15 +73,20 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         if msg["type"] == "http.disconnect":
             raise ClientGone
         chunk = msg.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise GatewayError(
-                    413, f"Request body is over the limit of {limit} bytes.", code="request_too_large"
-                )
+        size += len(chunk)
+        if size > limit:
+            too_big = True
+        if chunk and not too_big:
             parts.append(chunk)
-        if not msg.get("more_body", False):
-            return b"".join(parts)
+        if not msg.get("more_body", False) or (too_big and size > DRAIN_CAP):
+            break
+    if too_big:
+        raise GatewayError(
+            413,
+            f"Request body is {max(size, size_hint)} bytes; the limit is {limit}.",
+            code="request_too_large",
+        )
+    return b"".join(parts)
 
 
 async def start_response(scope: Scope, send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
