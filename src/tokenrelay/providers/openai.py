@@ -199,6 +199,9 @@ class OpenAIProvider(Provider):
                         async for batch in self._relay(resp, req, state, loop):
                             yield batch
                     finally:
+                        if state.get("done"):
+                            # the client has its last chunk; read the body to its end to reuse the connection
+                            await resp.drain()
                         resp.release()
                 finally:
                     state["timer"].cancel()
@@ -235,7 +238,7 @@ class OpenAIProvider(Provider):
                 if payload[:6] == b"[DONE]":
                     produced += len(batch)
                     batch += [usage or self._estimate(req, produced), Finish(finish or "stop")]  # type: ignore[arg-type]
-                    await resp.drain()  # the body's last bytes usually came with [DONE]: keep the connection
+                    state["done"] = True
                     yield batch
                     return
                 try:
