@@ -26,8 +26,12 @@ $(STAMPS)/install: pyproject.toml | $(PY)
 	$(PIP) install --find-links $(WHEELHOUSE) -e .
 	@touch $@
 
+# anthropic SDK 1.x sends x-api-key where 2.x sends a Bearer token: tests run both (2.x is in .[test])
+LEGACY_ANTHROPIC := $(VENV)/legacy/anthropic-1.17.0
+
 $(STAMPS)/install-test: pyproject.toml $(STAMPS)/install
 	$(PIP) install --find-links $(WHEELHOUSE) -e '.[test,lint]'
+	$(PIP) install -q --no-deps --upgrade --target $(LEGACY_ANTHROPIC) anthropic==1.17.0
 	@touch $@
 
 install: $(STAMPS)/install

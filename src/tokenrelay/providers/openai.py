@@ -1,12 +1,7 @@
 """The ``openai`` provider: any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp server ...).
 
-One keep-alive connection pool for all upstream calls (``upstream_http``: a lean HTTP/1.1 client,
-measured against aiohttp in docs/performance.md). The upstream is always asked to stream, whatever the client
-asked: the gateway assembles non-streaming answers itself, so both kinds share one code path.
-
-Reading: every socket read as it comes (no 128 KiB line limit), our own SSE parser, one typed
-msgspec decode per chunk, one event batch per read. Timeouts: connect, first token, and idle between
-reads, checked by one watchdog timer per stream that re-arms itself (no per-read timer churn).
+Pooling, timeouts and error mapping come from ``http_base``. Reading: every socket read as it comes (no
+128 KiB line limit), our own SSE parser, one typed msgspec decode per chunk, one event batch per read.
 A stream that ends without ``[DONE]`` is truncated and reported as ``upstream_disconnect``.
 """
 
@@ -20,13 +15,12 @@ from typing import Any
 import msgspec
 
 from tokenrelay.config import ModelConfig
-from tokenrelay.errors import GatewayError
 from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
-from tokenrelay.openai_wire import UpChunk, UpError, UpUsage, up_chunk_decoder, up_error_decoder
-from tokenrelay.providers.base import Provider
+from tokenrelay.openai_wire import UpChunk, UpError, UpUsage, up_chunk_decoder
+from tokenrelay.providers.http_base import HttpStreamProvider
 from tokenrelay.request import ChatRequest, estimate_prompt_tokens
 from tokenrelay.sse import SSEError, SSEParser
-from tokenrelay.upstream_http import HttpPool, UpstreamConnectionError, UpstreamResponse
+from tokenrelay.upstream_http import HttpPool, UpstreamResponse
 
 _FINISH = {
     "stop": "stop",
@@ -37,7 +31,6 @@ _FINISH = {
     "eos": "stop",
     "max_tokens": "length",
 }
-_PASS_STATUS = {400, 404, 409, 413, 415, 422, 429}
 _OPTIONAL = (
     "max_tokens",
     "temperature",
@@ -53,50 +46,6 @@ _OPTIONAL = (
     "user",
     "mock",
 )
-
-
-def upstream_status_error(status: int, body: bytes, retry_after: str | None) -> GatewayError:
-    """Map an upstream's error response to the status and OpenAI error body the client should get."""
-    message, etype, code, param = f"upstream returned HTTP {status}", None, None, None
-    try:
-        parsed = up_error_decoder.decode(body)
-        err = parsed.error
-        if isinstance(err, UpError):
-            message = err.message or message
-            etype, param = err.type, err.param
-            code = str(err.code) if err.code is not None else None
-        elif isinstance(err, str):
-            message = err
-        elif parsed.message:
-            message = parsed.message
-    except msgspec.DecodeError:
-        text = body[:200].decode("utf-8", "replace").strip()
-        if text:
-            message = f"{message}: {text}"
-    after = _retry_after(retry_after)
-    if status in _PASS_STATUS:
-        return GatewayError(status, message, type=etype, param=param, code=code, retry_after=after)
-    if status in (401, 403):
-        return GatewayError(
-            502,
-            f"upstream rejected the gateway's credentials ({status}): {message}",
-            type="upstream_auth_error",
-            code=code,
-        )
-    if status in (408, 504):
-        return GatewayError(504, f"upstream timed out ({status}): {message}", type="timeout", code=code)
-    if status == 503:
-        return GatewayError(503, message, type="upstream_unavailable", code=code, retry_after=after)
-    return GatewayError(
-        502, f"upstream error ({status}): {message}", type="upstream_error", code=code, retry_after=after
-    )
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def chunk_events(chunk: UpChunk, out: list[Event]) -> str | None:
@@ -129,30 +78,17 @@ def chunk_events(chunk: UpChunk, out: list[Event]) -> str | None:
     return finish
 
 
-class OpenAIProvider(Provider):
+class OpenAIProvider(HttpStreamProvider):
     kind = "openai"
 
     def __init__(self, cfg: ModelConfig, pool: HttpPool | None = None) -> None:
-        super().__init__(cfg)
         assert cfg.base_url
-        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
-        self.pool = pool
-        self._own_pool = False
-        self.headers = {"content-type": "application/json", "accept": "text/event-stream", **cfg.headers}
+        headers = {"content-type": "application/json", "accept": "text/event-stream", **cfg.headers}
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env)
             if key:
-                self.headers["authorization"] = f"Bearer {key}"
-
-    async def start(self) -> None:
-        if self.pool is None:
-            self.pool = HttpPool(self.cfg.max_idle_connections)
-            self._own_pool = True
-        self.ready = True
-
-    async def close(self) -> None:
-        if self._own_pool and self.pool is not None:
-            self.pool.close()
+                headers["authorization"] = f"Bearer {key}"
+        super().__init__(cfg, cfg.base_url.rstrip("/") + "/chat/completions", headers, pool)
 
     def body(self, req: ChatRequest) -> bytes:
         payload: dict[str, Any] = dict(req.extra)
@@ -166,59 +102,7 @@ class OpenAIProvider(Provider):
                 payload[name] = value
         return msgspec.json.encode(payload)
 
-    async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
-        assert self.pool is not None, "provider not started"
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        first_limit, idle_limit = self.cfg.first_token_timeout, self.cfg.idle_timeout
-        state: dict[str, Any] = {"last": started, "first": False}
-        accepted = False
-        try:
-            async with asyncio.timeout(None) as deadline:
-
-                def watchdog() -> None:
-                    base, limit = (state["last"], idle_limit) if state["first"] else (started, first_limit)
-                    due = float(base) + limit
-                    if loop.time() >= due:
-                        deadline.reschedule(loop.time())  # expires now: TimeoutError below
-                    else:
-                        state["timer"] = loop.call_at(due, watchdog)
-
-                state["timer"] = loop.call_at(started + first_limit, watchdog)
-                try:
-                    resp = await self.pool.request(
-                        "POST", self.url, self.headers, self.body(req), self.cfg.connect_timeout
-                    )
-                    try:
-                        if resp.status != 200:
-                            raise upstream_status_error(
-                                resp.status, await resp.read(65536), resp.headers.get("retry-after")
-                            )
-                        accepted = True
-                        yield []
-                        async for batch in self._relay(resp, req, state, loop):
-                            yield batch
-                    finally:
-                        if state.get("done"):
-                            # the client has its last chunk; read the body to its end to reuse the connection
-                            await resp.drain()
-                        resp.release()
-                finally:
-                    state["timer"].cancel()
-        except TimeoutError:
-            what = "idle timeout" if state["first"] else "first-token timeout"
-            limit = idle_limit if state["first"] else first_limit
-            if not accepted:
-                raise GatewayError(504, f"upstream {what} after {limit:g} s", type="timeout") from None
-            yield [Error(type="timeout", message=f"upstream {what} after {limit:g} s", status=504)]
-        except UpstreamConnectionError as exc:
-            if not accepted:
-                raise GatewayError(
-                    502, f"upstream {self.cfg.name}: {exc}", type="upstream_unavailable"
-                ) from None
-            yield [Error(type="upstream_disconnect", message=f"upstream connection lost: {exc}")]
-
-    async def _relay(
+    async def relay(
         self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any], loop: asyncio.AbstractEventLoop
     ) -> AsyncIterator[list[Event]]:
         parser = SSEParser()

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -21,9 +22,14 @@ import msgspec
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import Error
 from tokenrelay.gateway import Gateway
-from tokenrelay.protocol import openai_chat
+from tokenrelay.protocol.anthropic_messages import AnthropicMessages
+from tokenrelay.protocol.base import StreamInfo, WireProtocol
+from tokenrelay.protocol.ollama import OllamaChat, OllamaGenerate
+from tokenrelay.protocol.openai_chat import OpenAIChat
+from tokenrelay.protocol.openai_responses import OpenAIResponses
 from tokenrelay.providers.mock import MockProvider
 from tokenrelay.session import StreamSession
+from tokenrelay.transport.websocket import serve_websocket
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -35,16 +41,15 @@ log = logging.getLogger("tokenrelay.http")
 access_log = logging.getLogger("tokenrelay.access")
 
 _encode = msgspec.json.encode
-KEEPALIVE = b": keep-alive\n\n"
 DRAIN_CAP = 64 * 1024 * 1024
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
+STREAM_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
 
 
 STARTED = "tokenrelay.started"
+PROTOCOL = "tokenrelay.protocol"
 COMMON_HEADERS = "tokenrelay.headers"
 
 
@@ -130,9 +135,21 @@ class HttpApp:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.server = gateway.config.server
+        self.default_protocol = OpenAIChat()
+        chat = self.endpoint(self.default_protocol)
+        messages = self.endpoint(AnthropicMessages())
+        responses = self.endpoint(OpenAIResponses())
         self.routes: dict[tuple[str, str], Handler] = {
-            ("POST", "/v1/chat/completions"): self.chat_completions,
-            ("POST", "/chat/completions"): self.chat_completions,
+            ("POST", "/v1/chat/completions"): chat,
+            ("POST", "/chat/completions"): chat,
+            ("POST", "/v1/messages"): messages,
+            ("POST", "/anthropic/v1/messages"): messages,
+            ("POST", "/v1/responses"): responses,
+            ("POST", "/responses"): responses,
+            ("POST", "/api/chat"): self.endpoint(OllamaChat()),
+            ("POST", "/api/generate"): self.endpoint(OllamaGenerate()),
+            ("GET", "/api/tags"): self.ollama_tags,
+            ("GET", "/api/version"): self.ollama_version,
             ("GET", "/v1/models"): self.models,
             ("GET", "/healthz"): self.healthz,
             ("GET", "/readyz"): self.readyz,
@@ -175,9 +192,12 @@ class HttpApp:
         elif kind == "lifespan":
             await self.lifespan(receive, send)
         elif kind == "websocket":
-            await send(
-                {"type": "websocket.close", "code": 1008, "reason": "no WebSocket endpoint at this path"}
-            )
+            if scope["path"] == "/v1/ws/chat":
+                await serve_websocket(self.gateway, scope, receive, send)
+            else:
+                await send(
+                    {"type": "websocket.close", "code": 1008, "reason": "no WebSocket endpoint at this path"}
+                )
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -211,14 +231,18 @@ class HttpApp:
             await handler(scope, receive, send)
         except GatewayError as err:
             if not scope.get(STARTED):
-                await send_json(scope, send, err.status, openai_chat.error_body(err), error_headers(err))
+                protocol = scope.get(PROTOCOL, self.default_protocol)
+                await send_json(
+                    scope, send, protocol.error_status(err), protocol.error_body(err), error_headers(err)
+                )
         except ClientGone:
             pass
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], path)
             if not scope.get(STARTED):
                 internal = GatewayError(500, "Internal error in the gateway.", type="server_error")
-                await send_json(scope, send, 500, openai_chat.error_body(internal))
+                protocol = scope.get(PROTOCOL, self.default_protocol)
+                await send_json(scope, send, 500, protocol.error_body(internal))
 
     # ------------------------------------------------------------------------------ small endpoints
 
@@ -255,6 +279,25 @@ class HttpApp:
             )
         await send_json(scope, send, 200, self._model_card(name))
 
+    async def ollama_tags(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[PROTOCOL] = OllamaChat()
+        stamp = datetime.fromtimestamp(self.gateway.started_at, UTC).isoformat().replace("+00:00", "Z")
+        models = [
+            {
+                "name": name,
+                "model": name,
+                "modified_at": stamp,
+                "size": 0,
+                "digest": "",
+                "details": {"format": "", "family": p.kind, "parameter_size": "", "quantization_level": ""},
+            }
+            for name, p in self.gateway.providers.items()
+        ]
+        await send_json(scope, send, 200, {"models": models})
+
+    async def ollama_version(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(scope, send, 200, {"version": "0.12.0"})
+
     async def mock_stats(self, scope: Scope, receive: Receive, send: Send) -> None:
         stats = {n: p.stats() for n, p in self.gateway.providers.items() if isinstance(p, MockProvider)}
         if not stats:
@@ -270,43 +313,63 @@ class HttpApp:
             {"active_streams": len(gw.streams), "models": {n: p.stats() for n, p in gw.providers.items()}},
         )
 
-    # ------------------------------------------------------------------------------ chat completions
+    # ------------------------------------------------------------------------------ model streams
 
-    async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
-        t0 = time.perf_counter()
-        body = await read_body(scope, receive, self.server.max_body_bytes)
-        req = openai_chat.decode_request(body)
-        session = self.gateway.open(req)
-        status = 200
-        try:
-            if req.stream:
-                status = await self._stream_sse(scope, session, receive, send)
-            else:
-                status = await self._complete(scope, session, receive, send)
-        finally:
-            self._log(session, status, t0)
+    def endpoint(self, protocol: WireProtocol) -> Handler:
+        async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+            scope[PROTOCOL] = protocol
+            t0 = time.perf_counter()
+            body = await read_body(scope, receive, self.server.max_body_bytes)
+            req = protocol.decode(body)
+            session = self.gateway.open(req, protocol.id_prefix)
+            status = 200
+            try:
+                if req.stream:
+                    status = await self._stream(scope, protocol, session, receive, send)
+                else:
+                    status = await self._complete(scope, protocol, session, receive, send)
+            except GatewayError as err:
+                status = err.status
+                raise
+            finally:
+                self._log(session, protocol, status, t0)
+
+        return handler
 
     def _on_disconnect(self, session: StreamSession) -> bool:
         policy = session.request.on_disconnect or self.server.on_disconnect
         return policy == "cancel"
 
-    async def _stream_sse(self, scope: Scope, session: StreamSession, receive: Receive, send: Send) -> int:
+    async def _stream(
+        self, scope: Scope, protocol: WireProtocol, session: StreamSession, receive: Receive, send: Send
+    ) -> int:
         follower = session.follow(keepalive=self.server.keepalive_seconds)
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
         status = 200
         try:
             await session.wait_started(self.server.keepalive_seconds)
             if session.pre_error is not None:
-                err = session.pre_error
-                await send_json(scope, send, err.status, openai_chat.error_body(err), error_headers(err))
-                return err.status
+                raise session.pre_error
             if follower.gone:
                 return 499
-            await start_response(scope, send, 200, [*SSE_HEADERS, (b"x-stream-id", session.id.encode())])
+            await start_response(
+                scope,
+                send,
+                200,
+                [
+                    (b"content-type", protocol.media_type),
+                    *STREAM_HEADERS,
+                    (b"x-stream-id", session.id.encode()),
+                ],
+            )
             req = session.request
-            encoder = openai_chat.ChatStreamEncoder(session.id, req.model, session.created, req.include_usage)
+            encoder = protocol.encoder(StreamInfo(session.id, req.model, session.created, req))
+            keepalive = encoder.keepalive
+            opening = encoder.open()
+            if opening:
+                await send({"type": "http.response.body", "body": opening, "more_body": True})
             while (batch := await follower.next_batch()) is not None:
-                data = encoder.encode(batch) if batch else KEEPALIVE
+                data = encoder.encode(batch) if batch else keepalive
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                     follower.wrote()
@@ -336,7 +399,9 @@ class HttpApp:
             if follower.gone and session.followers == 0 and self._on_disconnect(session):
                 session.cancel()
 
-    async def _complete(self, scope: Scope, session: StreamSession, receive: Receive, send: Send) -> int:
+    async def _complete(
+        self, scope: Scope, protocol: WireProtocol, session: StreamSession, receive: Receive, send: Send
+    ) -> int:
         follower = session.follow()
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
         try:
@@ -351,14 +416,12 @@ class HttpApp:
             return 499
         if session.pre_error is not None:
             raise session.pre_error
-        builder = openai_chat.ChatCompletionBuilder(session.id, session.request.model, session.created)
-        builder.add(session.events)
-        if builder.error is not None:
-            raise GatewayError.from_event(builder.error)
-        await send_json(scope, send, 200, builder.body(), [(b"x-stream-id", session.id.encode())])
+        req = session.request
+        body = protocol.complete(StreamInfo(session.id, req.model, session.created, req), session.events)
+        await send_json(scope, send, 200, body, [(b"x-stream-id", session.id.encode())])
         return 200
 
-    def _log(self, session: StreamSession, status: int, t0: float) -> None:
+    def _log(self, session: StreamSession, protocol: WireProtocol, status: int, t0: float) -> None:
         if not access_log.isEnabledFor(logging.INFO):
             return
         ttft = (session.first_token_at - session.started_at) * 1000 if session.first_token_at else None
@@ -368,6 +431,7 @@ class HttpApp:
                 "fields": {
                     "stream_id": session.id,
                     "model": session.request.model,
+                    "protocol": protocol.name,
                     "deployment": session.deployment,
                     "stream": session.request.stream,
                     "status": status,

@@ -1,0 +1,216 @@
+"""WebSocket transport (``/v1/ws/chat``): many chat streams multiplexed on one socket.
+
+Client -> server, one JSON text message each:
+``{"type": "request", "id": "r1", "body": {<chat completion request>}}``, ``{"type": "cancel", "id": "r1"}``,
+``{"type": "ping"}``. Server -> client: ``token`` (``text``), ``reasoning`` (``text``), ``tool_call``
+(``index``, ``call_id``, ``name``, ``arguments`` fragment), ``done`` (``finish_reason``, ``usage``) and
+``error`` (``error: {message, type, code, param}``), each with the request's ``id``; ``pong``.
+
+One task per request (never per token) follows that request's stream session; what one upstream read
+brought goes out as one message per kind (tokens of a batch are joined). A cancel stops the model within
+one token while the socket's other requests go on. A malformed message gets an ``error`` with the
+field at fault and the socket stays open; binary frames close it with 1003. When the socket closes,
+its streams are cancelled unless they asked for ``on_disconnect: continue``. Outgoing messages wait on a
+bounded queue per socket, so a client that stops reading stalls its own streams' writers (the model
+keeps generating into the stream log, which is bounded by the answer's length), never the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from tokenrelay.errors import GatewayError, invalid
+from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
+from tokenrelay.gateway import Gateway
+from tokenrelay.protocol import openai_chat
+from tokenrelay.session import StreamSession
+
+log = logging.getLogger("tokenrelay.websocket")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_encode = msgspec.json.encode
+MAX_IN_FLIGHT = 64
+SEND_QUEUE = 256
+
+
+class ClientMessage(msgspec.Struct, forbid_unknown_fields=False):
+    type: str
+    id: str | int | None = None
+    body: msgspec.Raw | None = None
+
+
+_client_message = msgspec.json.Decoder(ClientMessage)
+
+
+def encode_batch(request_id: str | int, batch: list[Event]) -> list[bytes]:
+    """One stream's event batch as WebSocket messages (adjacent text of one kind joined into one)."""
+    rid = _encode(request_id)
+    out: list[bytes] = []
+    text: list[str] = []
+    kind = b""
+
+    def flush() -> None:
+        if text:
+            out.append(b'{"type":"' + kind + b'","id":' + rid + b',"text":' + _encode("".join(text)) + b"}")
+            text.clear()
+
+    usage: Usage | None = None
+    for ev in batch:
+        if type(ev) is TextDelta or type(ev) is ReasoningDelta:
+            k = b"token" if type(ev) is TextDelta else b"reasoning"
+            if k != kind:
+                flush()
+                kind = k
+            text.append(ev.text)
+            continue
+        flush()
+        kind = b""
+        if type(ev) is ToolCallDelta:
+            out.append(
+                _encode(
+                    {
+                        "type": "tool_call",
+                        "id": request_id,
+                        "index": ev.index,
+                        "call_id": ev.id,
+                        "name": ev.name,
+                        "arguments": ev.arguments,
+                    }
+                )
+            )
+        elif type(ev) is Usage:
+            usage = ev
+        elif type(ev) is Finish:
+            body: dict[str, Any] = {"type": "done", "id": request_id, "finish_reason": ev.reason}
+            body["usage"] = openai_chat.usage_body(usage) if usage is not None else None
+            out.append(_encode(body))
+        elif type(ev) is Error:
+            out.append(_encode({"type": "error", "id": request_id, **openai_chat.error_body(ev)}))
+    flush()
+    return out
+
+
+class WebSocketChat:
+    """One connected socket."""
+
+    def __init__(self, gateway: Gateway, send: Send) -> None:
+        self.gateway = gateway
+        self._send = send
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(SEND_QUEUE)
+        self.streams: dict[str | int, tuple[StreamSession, asyncio.Task[None]]] = {}
+        self.closed = False
+
+    async def put(self, data: bytes) -> None:
+        if not self.closed:
+            await self.queue.put(data)
+
+    def error(self, request_id: str | int | None, err: GatewayError) -> bytes:
+        return _encode({"type": "error", "id": request_id, **openai_chat.error_body(err)})
+
+    async def writer(self) -> None:
+        while (data := await self.queue.get()) is not None:
+            try:
+                await self._send({"type": "websocket.send", "text": data.decode()})
+            except OSError:
+                self.closed = True
+                return
+
+    async def follow(self, request_id: str | int, session: StreamSession) -> None:
+        follower = session.follow()
+        try:
+            while (batch := await follower.next_batch()) is not None:
+                for message in encode_batch(request_id, batch):
+                    await self.put(message)
+            if session.pre_error is not None:
+                await self.put(self.error(request_id, session.pre_error))
+        finally:
+            follower.close()
+            self.streams.pop(request_id, None)
+
+    async def handle(self, raw: str | bytes) -> None:
+        try:
+            msg = _client_message.decode(raw)
+        except msgspec.DecodeError as exc:
+            await self.put(self.error(None, invalid(f"Malformed message: {exc}", code="invalid_message")))
+            return
+        if msg.type == "ping":
+            await self.put(b'{"type":"pong"}')
+        elif msg.type == "request":
+            await self.start(msg)
+        elif msg.type == "cancel":
+            entry = self.streams.get(msg.id) if msg.id is not None else None
+            if entry is None:
+                await self.put(
+                    self.error(msg.id, invalid(f"No request {msg.id!r} is in flight.", param="id"))
+                )
+            else:
+                entry[0].cancel()
+        else:
+            await self.put(
+                self.error(
+                    msg.id,
+                    invalid(f"Unknown message type {msg.type!r}.", param="type", code="invalid_message"),
+                )
+            )
+
+    async def start(self, msg: ClientMessage) -> None:
+        rid = msg.id
+        try:
+            if rid is None or rid == "":
+                raise invalid("A request needs an 'id'.", param="id")
+            if rid in self.streams:
+                raise invalid(f"Request id {rid!r} is already in flight.", param="id")
+            if len(self.streams) >= MAX_IN_FLIGHT:
+                raise GatewayError(429, f"At most {MAX_IN_FLIGHT} requests may be in flight on one socket.")
+            if msg.body is None:
+                raise invalid("A request needs a 'body'.", param="body")
+            req = openai_chat.decode_request(bytes(msg.body))
+            req.stream = True
+            session = self.gateway.open(req)
+        except GatewayError as err:
+            await self.put(self.error(rid, err))
+            return
+        task = asyncio.get_running_loop().create_task(self.follow(rid, session))
+        self.streams[rid] = (session, task)
+
+    def close(self, server_policy: str) -> None:
+        self.closed = True
+        for session, task in list(self.streams.values()):
+            task.cancel()
+            if (session.request.on_disconnect or server_policy) == "cancel":
+                session.cancel()
+
+
+async def serve_websocket(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
+    first = await receive()
+    if first["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    conn = WebSocketChat(gateway, send)
+    writer = asyncio.get_running_loop().create_task(conn.writer())
+    try:
+        while True:
+            msg = await receive()
+            kind = msg["type"]
+            if kind == "websocket.disconnect":
+                break
+            if kind != "websocket.receive":
+                continue
+            text = msg.get("text")
+            if text is None:
+                await send({"type": "websocket.close", "code": 1003, "reason": "only JSON text messages"})
+                break
+            await conn.handle(text)
+    except OSError:
+        pass
+    finally:
+        conn.close(gateway.config.server.on_disconnect)
+        writer.cancel()
