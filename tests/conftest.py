@@ -133,6 +133,14 @@ def gateway_config(upstream_port: int) -> dict[str, Any]:
                 "idle_timeout": 0.6,
             },
             {
+                "name": "claude",
+                "provider": "anthropic",
+                "base_url": f"http://127.0.0.1:{upstream_port}",
+                "upstream_model": "claude-test",
+                "api_key_env": "TEST_ANTHROPIC_KEY",
+                "default_max_tokens": 333,
+            },
+            {
                 "name": "nowhere",
                 "provider": "openai",
                 "base_url": f"http://127.0.0.1:{free_port()}/v1",
@@ -149,7 +157,11 @@ def gateway(mock_upstream: Server, tmp_path_factory: pytest.TempPathFactory) -> 
     cfg.write_text(yaml.safe_dump(gateway_config(mock_upstream.port)))
     port = free_port()
     log = tmp / "gateway.log"
-    proc = start(["serve", "--config", str(cfg), "--port", str(port)], log, {"TEST_UPSTREAM_KEY": "sk-test"})
+    proc = start(
+        ["serve", "--config", str(cfg), "--port", str(port)],
+        log,
+        {"TEST_UPSTREAM_KEY": "sk-test", "TEST_ANTHROPIC_KEY": "sk-ant-test"},
+    )
     try:
         wait_http("127.0.0.1", port, "/readyz", proc, 180)
         yield Server(port, proc, log)

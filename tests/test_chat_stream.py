@@ -150,7 +150,7 @@ def test_max_tokens_gives_length(client: openai.OpenAI) -> None:
 
 def test_models_and_health(gateway: Server, client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert ids == ["tiny", "demo", "slow", "gpt", "gpt-timeout", "nowhere"]
+    assert ids == ["tiny", "demo", "slow", "gpt", "gpt-timeout", "claude", "nowhere"]
     validator("list_models").validate(gateway.get_json("/v1/models"))
     assert client.models.retrieve("demo").id == "demo"
     assert gateway.get_json("/healthz") == {"status": "ok"}

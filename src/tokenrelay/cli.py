@@ -57,7 +57,7 @@ def serve(
         loop=Loops.uvloop,
         backlog=server.backlog,
         log_access=False,
-        websockets=False,
+        websockets=True,
     ).serve()
 
 

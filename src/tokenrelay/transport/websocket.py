@@ -44,7 +44,7 @@ SEND_QUEUE = 256
 class ClientMessage(msgspec.Struct, forbid_unknown_fields=False):
     type: str
     id: str | int | None = None
-    body: msgspec.Raw | None = None
+    body: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)  # empty when absent
 
 
 _client_message = msgspec.json.Decoder(ClientMessage)
@@ -170,7 +170,7 @@ class WebSocketChat:
                 raise invalid(f"Request id {rid!r} is already in flight.", param="id")
             if len(self.streams) >= MAX_IN_FLIGHT:
                 raise GatewayError(429, f"At most {MAX_IN_FLIGHT} requests may be in flight on one socket.")
-            if msg.body is None:
+            if not msg.body:
                 raise invalid("A request needs a 'body'.", param="body")
             req = openai_chat.decode_request(bytes(msg.body))
             req.stream = True
