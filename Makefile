@@ -12,7 +12,7 @@ WHEELHOUSE ?= $(HOME)/.cache/tokenrelay/wheels
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: serve test lint bench install install-test clean
+.PHONY: serve test lint bench install install-test clean proto
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ lint: $(STAMPS)/install-test
 
 bench: $(STAMPS)/install-test
 	$(PY) benchmarks/run.py --out docs/benchmarks.md
+
+# regenerate the gRPC code after editing the .proto (the generated files are committed)
+proto: $(STAMPS)/install-test
+	$(PIP) install -q grpcio-tools==1.85.1
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=src --pyi_out=src --grpc_python_out=src proto/tokenrelay/grpc_api/tokenrelay.proto
 
 clean:
 	rm -rf $(VENV) $(STAMPS) build *.egg-info src/*.egg-info

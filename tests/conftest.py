@@ -53,11 +53,22 @@ def wait_http(
     raise RuntimeError(f"{path} on port {port} not {want} after {timeout} s (last: {last})")
 
 
+def wait_for(predicate: Any, timeout: float = 10) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
 @dataclass
 class Server:
     port: int
     proc: subprocess.Popen[bytes]
     log: Path
+    grpc_port: int = 0
 
     @property
     def url(self) -> str:
@@ -70,6 +81,14 @@ class Server:
         body = json.loads(resp.read())
         conn.close()
         return body
+
+    def mock_cancelled(self, model: str = "demo") -> int:
+        """How many streams of the gateway's in-process mock model were cancelled so far."""
+        return int(self.get_json("/mock/stats")[model]["cancelled"])
+
+    def wait_cancelled(self, before: int, model: str = "demo") -> None:
+        wait_for(lambda: self.mock_cancelled(model) > before, timeout=5)
+        assert self.mock_cancelled(model) == before + 1
 
     def post(self, path: str, body: bytes = b"{}") -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -155,16 +174,16 @@ def gateway(mock_upstream: Server, tmp_path_factory: pytest.TempPathFactory) -> 
     tmp = tmp_path_factory.mktemp("gateway")
     cfg = tmp / "tokenrelay.yaml"
     cfg.write_text(yaml.safe_dump(gateway_config(mock_upstream.port)))
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     log = tmp / "gateway.log"
     proc = start(
-        ["serve", "--config", str(cfg), "--port", str(port)],
+        ["serve", "--config", str(cfg), "--port", str(port), "--grpc-port", str(grpc_port)],
         log,
         {"TEST_UPSTREAM_KEY": "sk-test", "TEST_ANTHROPIC_KEY": "sk-ant-test"},
     )
     try:
         wait_http("127.0.0.1", port, "/readyz", proc, 180)
-        yield Server(port, proc, log)
+        yield Server(port, proc, log, grpc_port)
     finally:
         stop(proc)
         ARTIFACTS.mkdir(exist_ok=True)

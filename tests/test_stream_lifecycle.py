@@ -9,7 +9,7 @@ from typing import Any
 
 import openai
 import pytest
-from tests.conftest import Server
+from tests.conftest import Server, wait_for
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
 
@@ -34,16 +34,6 @@ def read_until(sock: socket.socket, marker: bytes, limit: float = 10) -> bytes:
         assert chunk, f"connection closed before {marker!r}"
         buf += chunk
     return buf
-
-
-def wait_for(predicate: Any, timeout: float = 10) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_keepalive_comment_before_slow_first_token(gateway: Server) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 from typing import Any
 
@@ -46,10 +45,7 @@ def test_tokens_then_done_with_usage(gateway: Server, model: str) -> None:
 
 
 def test_interleaved_requests_and_a_cancel(gateway: Server) -> None:
-    def demo_cancelled() -> int:
-        return int(gateway.get_json("/mock/stats")["demo"]["cancelled"])
-
-    before = demo_cancelled()
+    before = gateway.mock_cancelled()
     slow = {"tokens": 40, "tokens_per_second": 40}
     with connect(ws_url(gateway)) as ws:
         ws.send(request("a", "demo", slow))
@@ -67,10 +63,7 @@ def test_interleaved_requests_and_a_cancel(gateway: Server) -> None:
     assert len([m for m in a if m["type"] == "token"]) < 10  # stopped well before its 40 tokens
     assert b[-1]["type"] == "done"
     assert len("".join(m["text"] for m in b if m["type"] == "token").split()) == 12  # b went on to the end
-    deadline = time.monotonic() + 5
-    while demo_cancelled() == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert demo_cancelled() == before + 1
+    gateway.wait_cancelled(before)
 
 
 def test_tool_calls(gateway: Server) -> None:
@@ -108,14 +101,11 @@ def test_bad_messages_get_errors_and_the_socket_stays_open(gateway: Server) -> N
 
 
 def test_closing_the_socket_cancels_its_streams(gateway: Server) -> None:
-    before = int(gateway.get_json("/mock/stats")["demo"]["cancelled"])
+    before = gateway.mock_cancelled()
     with connect(ws_url(gateway)) as ws:
         ws.send(request("a", "demo", {"tokens": 100, "tokens_per_second": 50}))
         json.loads(ws.recv(timeout=5))
-    deadline = time.monotonic() + 5
-    while int(gateway.get_json("/mock/stats")["demo"]["cancelled"]) == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert int(gateway.get_json("/mock/stats")["demo"]["cancelled"]) == before + 1
+    gateway.wait_cancelled(before)
 
 
 def test_unknown_websocket_path_is_refused(gateway: Server) -> None:

@@ -25,6 +25,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to bind (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default 8080)")] = None,
     workers: Annotated[int | None, typer.Option(help="worker processes sharing the port")] = None,
+    grpc_port: Annotated[int | None, typer.Option("--grpc-port", help="also serve the gRPC API here")] = None,
 ) -> None:
     """Serve the gateway (with no config: the embedded model as 'tiny')."""
     from granian import Granian
@@ -42,10 +43,14 @@ def serve(
         server.port = port
     if workers is not None:
         server.workers = workers
+    if grpc_port is not None:
+        server.grpc_port = grpc_port
     os.environ["TOKENRELAY_CONFIG_JSON"] = dump_config(cfg)
     names = ", ".join(f"{m.name} ({m.provider})" for m in cfg.models)
+    grpc_note = f", gRPC on {server.host}:{server.grpc_port}" if server.grpc_port else ""
     err.print(
-        f"tokenrelay on http://{server.host}:{server.port} with {server.workers} worker(s); models: {names}"
+        f"tokenrelay on http://{server.host}:{server.port}{grpc_note} with {server.workers} worker(s);"
+        f" models: {names}"
     )
     Granian(
         "tokenrelay.app:create_app",

@@ -45,6 +45,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
+    grpc_port: int | None = None  # gRPC API on this port as well (off when unset)
     workers: int = 1
     keepalive_seconds: float = 15.0
     max_body_bytes: int = 8 * 1024 * 1024
@@ -73,6 +74,7 @@ DEFAULT_MODELS: list[dict[str, Any]] = [
 _ENV_SERVER = (
     "host",
     "port",
+    "grpc_port",
     "workers",
     "keepalive_seconds",
     "max_body_bytes",

@@ -41,6 +41,11 @@ class Gateway:
         """Start every provider in the background; ``ready`` turns true when all are loaded and warm."""
         self._start_task = asyncio.get_running_loop().create_task(self._start())
 
+    async def started(self) -> None:
+        """Until every provider's start finished (successfully or not)."""
+        if self._start_task is not None:
+            await asyncio.shield(self._start_task)
+
     async def _start(self) -> None:
         if any(isinstance(p, HttpStreamProvider) for p in self.providers.values()):
             self.pool = HttpPool(max(m.max_idle_connections for m in self.config.models))

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -30,6 +30,9 @@ from tokenrelay.protocol.openai_responses import OpenAIResponses
 from tokenrelay.providers.mock import MockProvider
 from tokenrelay.session import StreamSession
 from tokenrelay.transport.websocket import serve_websocket
+
+if TYPE_CHECKING:
+    from tokenrelay.transport.grpc_server import GrpcServer
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -135,6 +138,7 @@ class HttpApp:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.server = gateway.config.server
+        self.grpc: GrpcServer | None = None
         self.default_protocol = OpenAIChat()
         chat = self.endpoint(self.default_protocol)
         messages = self.endpoint(AnthropicMessages())
@@ -204,8 +208,15 @@ class HttpApp:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
                 self.gateway.start()
+                if self.server.grpc_port:
+                    from tokenrelay.transport.grpc_server import GrpcServer  # grpcio loads only when used
+
+                    self.grpc = GrpcServer(self.gateway, self.server.host, self.server.grpc_port)
+                    await self.grpc.start()
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                if self.grpc is not None:
+                    await self.grpc.stop()
                 await self.gateway.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
