@@ -324,3 +324,19 @@ def test_provider_upstream_error_status(gateway: Server) -> None:
         )
     assert "slow down" in str(info.value)
     assert info.value.response.headers["retry-after"] == "3"
+
+
+@pytest.mark.parametrize("model", ["demo", "gpt", "claude"])
+def test_thinking_blocks_pass_through(claude: anthropic.Anthropic, model: str) -> None:
+    with claude.messages.stream(
+        model=model,
+        max_tokens=100,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_body={"mock": {"reasoning": "first I think", "text": TEXT}},
+    ) as stream:
+        thinking = [e.thinking for e in stream if e.type == "thinking"]  # type: ignore[union-attr]
+        final = stream.get_final_message()
+    assert "".join(thinking) == "first I think"
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "first I think"  # type: ignore[union-attr]
+    assert final.content[1].text == TEXT  # type: ignore[union-attr]

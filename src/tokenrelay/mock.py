@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from tokenrelay.errors import GatewayError
-from tokenrelay.events import Event, Finish, TextDelta, ToolCallDelta, Usage
+from tokenrelay.events import Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from tokenrelay.openai_wire import TextPart, UserMessage
 from tokenrelay.protocol.validation import field_error
 from tokenrelay.request import ChatRequest, estimate_prompt_tokens
@@ -43,6 +43,7 @@ class MockOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tokens_per_second: float = 0.0  # 0: as fast as possible
     tokens: int = 16
     text: str | None = None  # stream exactly this text (split on spaces) instead of generated words
+    reasoning: str | None = None  # "thinking" text streamed before the answer (reasoning deltas)
     echo: bool = False  # stream the last user message back
     seed: int = 0
     tool_calls: list[MockToolCall] | None = None
@@ -90,14 +91,17 @@ def _prompt_text(req: ChatRequest) -> str:
     return ""
 
 
+def _split(text: str) -> list[str]:
+    words = text.split(" ")
+    return [w + " " for w in words[:-1]] + [words[-1]] if words else []
+
+
 def mock_tokens(opts: MockOptions, req: ChatRequest) -> list[str]:
     """The deterministic token texts for this request."""
     if opts.text is not None:
-        words = opts.text.split(" ")
-        return [w + " " for w in words[:-1]] + [words[-1]] if words else []
+        return _split(opts.text)
     if opts.echo:
-        words = _prompt_text(req).split(" ")
-        return [w + " " for w in words[:-1]] + [words[-1]] if words else []
+        return _split(_prompt_text(req))
     # a readable passage, starting at a point fixed by the prompt and seed
     start = (zlib.crc32(_prompt_text(req).encode()) ^ opts.seed) % len(_WORDS)
     out = [_WORDS[(start + i) % len(_WORDS)] + " " for i in range(opts.tokens)]
@@ -165,6 +169,8 @@ async def run_script(
     outcome = "cancelled"
     try:
         yield []
+        if opts.reasoning:
+            yield [ReasoningDelta(t) for t in _split(opts.reasoning)]
         tokens = mock_tokens(opts, req)
         finish = "stop"
         if req.max_tokens is not None and len(tokens) > req.max_tokens:
