@@ -6,13 +6,14 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from tokenrelay.config import ConfigError, dump_config, load_config
+from tokenrelay.config import ConfigError, check_tls, dump_config, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenrelay: a streaming AI gateway.")
 err = Console(stderr=True)
@@ -26,6 +27,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default 8080)")] = None,
     workers: Annotated[int | None, typer.Option(help="worker processes sharing the port")] = None,
     grpc_port: Annotated[int | None, typer.Option("--grpc-port", help="also serve the gRPC API here")] = None,
+    ssl_certfile: Annotated[str | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM)")] = None,
+    ssl_keyfile: Annotated[str | None, typer.Option("--ssl-keyfile", help="TLS private key (PEM)")] = None,
 ) -> None:
     """Serve the gateway (with no config: the embedded model as 'tiny')."""
     from granian import Granian
@@ -45,11 +48,21 @@ def serve(
         server.workers = workers
     if grpc_port is not None:
         server.grpc_port = grpc_port
+    if ssl_certfile is not None:
+        server.ssl_certfile = ssl_certfile
+    if ssl_keyfile is not None:
+        server.ssl_keyfile = ssl_keyfile
+    try:
+        check_tls(server, "command line")
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from None
     os.environ["TOKENRELAY_CONFIG_JSON"] = dump_config(cfg)
     names = ", ".join(f"{m.name} ({m.provider})" for m in cfg.models)
+    scheme = "https" if server.ssl_certfile else "http"
     grpc_note = f", gRPC on {server.host}:{server.grpc_port}" if server.grpc_port else ""
     err.print(
-        f"tokenrelay on http://{server.host}:{server.port}{grpc_note} with {server.workers} worker(s);"
+        f"tokenrelay on {scheme}://{server.host}:{server.port}{grpc_note} with {server.workers} worker(s);"
         f" models: {names}"
     )
     Granian(
@@ -63,6 +76,8 @@ def serve(
         backlog=server.backlog,
         log_access=False,
         websockets=True,
+        ssl_cert=Path(server.ssl_certfile) if server.ssl_certfile else None,
+        ssl_key=Path(server.ssl_keyfile) if server.ssl_keyfile else None,
     ).serve()
 
 

@@ -46,6 +46,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
     grpc_port: int | None = None  # gRPC API on this port as well (off when unset)
+    # TLS for HTTP (HTTP/2 by ALPN), WebSocket and gRPC alike: PEM files
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     workers: int = 1
     keepalive_seconds: float = 15.0
     max_body_bytes: int = 8 * 1024 * 1024
@@ -75,6 +78,8 @@ _ENV_SERVER = (
     "host",
     "port",
     "grpc_port",
+    "ssl_certfile",
+    "ssl_keyfile",
     "workers",
     "keepalive_seconds",
     "max_body_bytes",
@@ -98,7 +103,20 @@ def _validate(data: dict[str, Any], source: str) -> Config:
             raise ConfigError(f"{source}: models[{i}] ({m.name}): provider openai needs base_url")
         if m.base_url and not m.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{source}: models[{i}].base_url must start with http:// or https://")
+    check_tls(cfg.server, source)
     return cfg
+
+
+def check_tls(server: ServerConfig, source: str) -> None:
+    """Both TLS files or neither, and both readable: a typo must not quietly serve plain HTTP."""
+    files = {"ssl_certfile": server.ssl_certfile, "ssl_keyfile": server.ssl_keyfile}
+    given = {k: v for k, v in files.items() if v}
+    if given and len(given) != 2:
+        missing = next(k for k in files if k not in given)
+        raise ConfigError(f"{source}: server.{missing} is needed as well for TLS")
+    for key, path in given.items():
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{source}: server.{key}: cannot read {path}")
 
 
 def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -269,6 +270,12 @@ class GrpcServer:
 
     def __init__(self, gateway: Gateway, host: str, port: int) -> None:
         self.gateway = gateway
+        tls = gateway.config.server
+        self.key_pair = (
+            (Path(tls.ssl_keyfile).read_bytes(), Path(tls.ssl_certfile).read_bytes())
+            if tls.ssl_certfile and tls.ssl_keyfile
+            else None
+        )
         self.address = f"{host}:{port}"
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -278,7 +285,10 @@ class GrpcServer:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         pb_grpc.add_TokenRelayServicer_to_server(TokenRelayService(self.gateway), self.server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.server.add_insecure_port(self.address)
+        if self.key_pair is not None:
+            self.server.add_secure_port(self.address, grpc.ssl_server_credentials([self.key_pair]))
+        else:
+            self.server.add_insecure_port(self.address)
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self._watch = asyncio.get_running_loop().create_task(self._mark_ready())
