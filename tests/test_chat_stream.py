@@ -183,7 +183,7 @@ def test_cors_lets_browser_pages_fetch_streams(gateway: Server) -> None:
         headers={
             "origin": "http://example.test",
             "access-control-request-method": "POST",
-            "access-control-request-headers": "content-type, authorization",
+            "access-control-request-headers": "content-type, authorization, x-stainless-os, anthropic-beta",
         },
     )
     resp = conn.getresponse()
@@ -191,7 +191,7 @@ def test_cors_lets_browser_pages_fetch_streams(gateway: Server) -> None:
     assert resp.status == 204
     assert resp.getheader("access-control-allow-origin") == "*"
     assert "POST" in (resp.getheader("access-control-allow-methods") or "")
-    assert "authorization" in (resp.getheader("access-control-allow-headers") or "")
+    assert "x-stainless-os, anthropic-beta" in (resp.getheader("access-control-allow-headers") or "")
     conn.close()
     streamed = raw_post(
         gateway.port,

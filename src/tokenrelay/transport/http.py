@@ -180,9 +180,11 @@ class HttpApp:
             204,
             [
                 (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                # the SDKs send their own headers (x-stainless-*, anthropic-beta ...): allow what is asked
                 (
                     b"access-control-allow-headers",
-                    b"authorization, content-type, x-api-key, anthropic-version",
+                    _header(scope, b"access-control-request-headers")
+                    or b"authorization, content-type, x-api-key, anthropic-version",
                 ),
                 (b"access-control-max-age", b"600"),
             ],
