@@ -53,6 +53,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keepalive_seconds: float = 15.0
     max_body_bytes: int = 8 * 1024 * 1024
     on_disconnect: Literal["cancel", "continue"] = "cancel"
+    disconnect_grace_seconds: float = 60.0  # on_disconnect continue: how long the model runs with no reader
+    stream_ttl_seconds: float = 300.0  # a finished stream stays resumable this long ...
+    max_finished_streams: int = 10000  # ... and at most this many of them (oldest dropped first)
     backlog: int = 4096
     cors_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
     log_level: str = "info"
@@ -84,6 +87,9 @@ _ENV_SERVER = (
     "keepalive_seconds",
     "max_body_bytes",
     "on_disconnect",
+    "disconnect_grace_seconds",
+    "stream_ttl_seconds",
+    "max_finished_streams",
     "backlog",
     "log_level",
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 
 from tokenrelay.config import Config
 from tokenrelay.providers import build_provider
@@ -27,7 +28,9 @@ class Gateway:
         self.config = config
         self.providers: dict[str, Provider] = {m.name: build_provider(m) for m in config.models}
         self.router = Router(self.providers)
-        self.streams: dict[str, StreamSession] = {}
+        self.streams: dict[str, StreamSession] = {}  # live
+        # finished, still resumable: id -> (expiry on the loop clock, session), oldest first
+        self.finished: OrderedDict[str, tuple[float, StreamSession]] = OrderedDict()
         self.started_at = int(time.time())
         self.startup_errors: dict[str, str] = {}
         self.pool: HttpPool | None = None
@@ -75,10 +78,50 @@ class Gateway:
         if self.pool is not None:
             self.pool.close()
 
-    def open(self, req: ChatRequest, id_prefix: str = "chatcmpl-") -> StreamSession:
+    def open(
+        self,
+        req: ChatRequest,
+        id_prefix: str = "chatcmpl-",
+        protocol: str = "openai",
+        owner: str | None = None,
+    ) -> StreamSession:
         """Route the request and start its stream; raises ``GatewayError`` for an unknown model."""
         provider = self.router.route(req)
-        session = StreamSession(new_stream_id(id_prefix), req, provider.cfg.name, provider.stream(req))
+        session = StreamSession(
+            new_stream_id(id_prefix), req, provider.cfg.name, provider.stream(req), protocol, owner
+        )
         self.streams[session.id] = session
-        session.task.add_done_callback(lambda _t: self.streams.pop(session.id, None))
+        session.task.add_done_callback(lambda _t: self._retire(session))
         return session
+
+    def _retire(self, session: StreamSession) -> None:
+        self.streams.pop(session.id, None)
+        server = self.config.server
+        if server.stream_ttl_seconds <= 0 or server.max_finished_streams <= 0:
+            return
+        now = asyncio.get_running_loop().time()
+        self.finished[session.id] = (now + server.stream_ttl_seconds, session)
+        while self.finished:
+            expires, oldest = next(iter(self.finished.values()))
+            if expires > now and len(self.finished) <= server.max_finished_streams:
+                break
+            self.finished.pop(oldest.id)
+
+    def find(self, stream_id: str) -> StreamSession | None:
+        """A live stream, or a finished one that has not expired."""
+        session = self.streams.get(stream_id)
+        if session is not None:
+            return session
+        entry = self.finished.get(stream_id)
+        if entry is None:
+            return None
+        if entry[0] <= asyncio.get_running_loop().time():
+            self.finished.pop(stream_id, None)
+            return None
+        return entry[1]
+
+    def client_left(self, session: StreamSession) -> None:
+        """A transport's reader is gone: apply the request's disconnect policy (or the server's)."""
+        server = self.config.server
+        policy = session.request.on_disconnect or server.on_disconnect
+        session.client_left(policy, server.disconnect_grace_seconds)

@@ -30,11 +30,19 @@ def _wake_all(waiters: list[asyncio.Future[None]]) -> None:
 
 class StreamSession:
     def __init__(
-        self, stream_id: str, request: ChatRequest, deployment: str, source: AsyncIterator[list[Event]]
+        self,
+        stream_id: str,
+        request: ChatRequest,
+        deployment: str,
+        source: AsyncIterator[list[Event]],
+        protocol: str = "openai",
+        owner: str | None = None,
     ) -> None:
         self.id = stream_id
         self.request = request
         self.deployment = deployment
+        self.protocol = protocol  # the wire protocol that opened it: a resume answers in the same one
+        self.owner = owner  # a digest of the credential that opened it: only that one may resume it
         self.created = int(time.time())
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -43,6 +51,7 @@ class StreamSession:
         self.done = False
         self.pre_error: GatewayError | None = None
         self.followers = 0
+        self._grace: asyncio.TimerHandle | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._loop = asyncio.get_running_loop()
         self.task = self._loop.create_task(self._run(source), name=f"stream {stream_id}")
@@ -81,6 +90,8 @@ class StreamSession:
             events.append(Error(type="internal_error", message="internal error in the gateway", status=500))
         finally:
             self.done = True
+            if self._grace is not None:
+                self._grace.cancel()
             self._wake()
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
@@ -93,6 +104,22 @@ class StreamSession:
         """Stop the model now (its provider sees the cancellation at its next await)."""
         if not self.done:
             self.task.cancel()
+
+    def client_left(self, policy: str, grace: float) -> None:
+        """A client stopped reading. With no reader left, ``cancel`` stops the model now and ``continue``
+        lets it run for ``grace`` seconds, so a resume gets everything; a reader that comes back in time
+        keeps it going."""
+        if self.followers > 0 or self.done:
+            return
+        if policy == "cancel" or grace <= 0:
+            self.cancel()
+        elif self._grace is None:
+            self._grace = self._loop.call_later(grace, self._grace_over)
+
+    def _grace_over(self) -> None:
+        self._grace = None
+        if self.followers == 0:
+            self.cancel()
 
     async def wait_started(self, patience: float) -> None:
         """Until the provider accepted (or failed), or ``patience`` seconds pass."""

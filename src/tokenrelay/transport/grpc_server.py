@@ -30,6 +30,7 @@ from tokenrelay.protocol import openai_chat
 from tokenrelay.protocol.base import Collected
 from tokenrelay.request import ChatRequest
 from tokenrelay.session import StreamSession
+from tokenrelay.transport.credentials import digest
 
 log = logging.getLogger("tokenrelay.grpc")
 
@@ -151,14 +152,17 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    def _open(self, msg: pb.ChatRequest) -> StreamSession:
-        return self.gateway.open(to_request(msg))
+    def _open(self, msg: pb.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]) -> StreamSession:
+        metadata = dict(context.invocation_metadata() or ())
+        credential = metadata.get("authorization") or metadata.get("x-api-key")
+        owner = digest(str(credential).encode()) if credential else None
+        return self.gateway.open(to_request(msg), owner=owner)
 
     async def StreamChat(  # the RPCs' names
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.Event]:
         try:
-            session = self._open(request)
+            session = self._open(request, context)
             await session.wait_started(3600)
             if session.pre_error is not None:
                 raise session.pre_error
@@ -172,22 +176,20 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
                     yield to_message(request.request_id, session.id, ev)
         finally:
             follower.close()
-            if not session.done:  # the client cancelled the call (or the server is stopping)
-                session.cancel()
+            self.gateway.client_left(session)  # a no-op once done; else the disconnect policy applies
 
     async def Complete(
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Completion:
         try:
-            session = self._open(request)
+            session = self._open(request, context)
             follower = session.follow()
             try:
                 while await follower.next_batch() is not None:
                     pass
             finally:
                 follower.close()
-                if not session.done:
-                    session.cancel()
+                self.gateway.client_left(session)
             if session.pre_error is not None:
                 raise session.pre_error
             got = Collected().add(session.events)
@@ -227,6 +229,7 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
             finally:
                 follower.close()
                 sessions.pop(rid, None)
+                self.gateway.client_left(session)
 
         async def read() -> None:
             async for msg in request_iterator:
@@ -242,7 +245,7 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
                         raise invalid("Each request on Chat needs a request_id.", param="request_id")
                     if rid in sessions:
                         raise invalid(f"request_id {rid!r} is already in flight.", param="request_id")
-                    session = self._open(req)
+                    session = self._open(req, context)
                 except GatewayError as err:
                     await out.put(to_message(rid, "", err.to_event()))
                     continue
@@ -260,9 +263,7 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
         finally:
             reader.cancel()
             for task in list(tasks):
-                task.cancel()
-            for session in sessions.values():
-                session.cancel()
+                task.cancel()  # each follower closes, then its stream's disconnect policy applies
 
 
 class GrpcServer:

@@ -16,19 +16,21 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import msgspec
 
-from tokenrelay.errors import GatewayError
-from tokenrelay.events import Error
+from tokenrelay.errors import GatewayError, invalid
+from tokenrelay.events import Error, Event
 from tokenrelay.gateway import Gateway
 from tokenrelay.protocol.anthropic_messages import AnthropicMessages
-from tokenrelay.protocol.base import StreamInfo, WireProtocol
+from tokenrelay.protocol.base import SSE_MEDIA, StreamEncoder, StreamInfo, WireProtocol
 from tokenrelay.protocol.ollama import OllamaChat, OllamaGenerate
 from tokenrelay.protocol.openai_chat import OpenAIChat
 from tokenrelay.protocol.openai_responses import OpenAIResponses
 from tokenrelay.providers.mock import MockProvider
 from tokenrelay.session import StreamSession
+from tokenrelay.transport.credentials import credential_digest, header
 from tokenrelay.transport.websocket import serve_websocket
 
 if TYPE_CHECKING:
@@ -60,18 +62,37 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
+def resume_point(scope: Scope) -> int:
+    """Where to resume: after ``Last-Event-ID`` (an EventSource reconnecting), else after ``after``."""
+    raw = header(scope, b"last-event-id")
+    param = "Last-Event-ID"
+    if raw is None:
+        values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("after")
+        raw = values[-1].encode() if values else b"0"
+        param = "after"
+    if not raw.strip().isdigit():
+        raise invalid(f"'{param}' must be a non-negative integer (an event's sequence number).", param=param)
+    return int(raw)
+
+
+def encode_numbered(encoder: StreamEncoder, batch: list[Event], before: int) -> bytes:
+    """SSE for a batch with ``id: N`` (the event's sequence number) on the last SSE event each event makes,
+    so a reconnect with ``Last-Event-ID: N`` continues after everything event N produced."""
+    out: list[bytes] = []
+    for i, ev in enumerate(batch):
+        data = encoder.encode([ev])
+        if data:
+            k = data.rfind(b"\n\n", 0, len(data) - 2)
+            cut = 0 if k < 0 else k + 2
+            out.append(data[:cut] + b"id: %d\n" % (before + i + 1) + data[cut:])
+    return b"".join(out)
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request body, or 413 if it is over ``limit``. An oversized body is still read (and dropped) up to
     ``DRAIN_CAP``: a client that is still sending when the server answers and closes gets a broken pipe
     instead of the 413."""
-    declared = _header(scope, b"content-length")
+    declared = header(scope, b"content-length")
     size_hint = int(declared) if declared is not None and declared.isdigit() else 0
     too_big = size_hint > limit
     parts: list[bytes] = []
@@ -140,9 +161,19 @@ class HttpApp:
         self.server = gateway.config.server
         self.grpc: GrpcServer | None = None
         self.default_protocol = OpenAIChat()
+        self.protocols: dict[str, WireProtocol] = {
+            p.name: p
+            for p in (
+                self.default_protocol,
+                AnthropicMessages(),
+                OpenAIResponses(),
+                OllamaChat(),
+                OllamaGenerate(),
+            )
+        }
         chat = self.endpoint(self.default_protocol)
-        messages = self.endpoint(AnthropicMessages())
-        responses = self.endpoint(OpenAIResponses())
+        messages = self.endpoint(self.protocols["anthropic"])
+        responses = self.endpoint(self.protocols["responses"])
         self.routes: dict[tuple[str, str], Handler] = {
             ("POST", "/v1/chat/completions"): chat,
             ("POST", "/chat/completions"): chat,
@@ -150,8 +181,8 @@ class HttpApp:
             ("POST", "/anthropic/v1/messages"): messages,
             ("POST", "/v1/responses"): responses,
             ("POST", "/responses"): responses,
-            ("POST", "/api/chat"): self.endpoint(OllamaChat()),
-            ("POST", "/api/generate"): self.endpoint(OllamaGenerate()),
+            ("POST", "/api/chat"): self.endpoint(self.protocols["ollama-chat"]),
+            ("POST", "/api/generate"): self.endpoint(self.protocols["ollama-generate"]),
             ("GET", "/api/tags"): self.ollama_tags,
             ("GET", "/api/version"): self.ollama_version,
             ("GET", "/v1/models"): self.models,
@@ -183,7 +214,7 @@ class HttpApp:
                 # the SDKs send their own headers (x-stainless-*, anthropic-beta ...): allow what is asked
                 (
                     b"access-control-allow-headers",
-                    _header(scope, b"access-control-request-headers")
+                    header(scope, b"access-control-request-headers")
                     or b"authorization, content-type, x-api-key, anthropic-version",
                 ),
                 (b"access-control-max-age", b"600"),
@@ -226,11 +257,14 @@ class HttpApp:
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         handler = self.routes.get((scope["method"], path))
-        if handler is None and path.startswith("/v1/models/") and scope["method"] == "GET":
-            handler = self.model
+        if handler is None and scope["method"] == "GET":
+            if path.startswith("/v1/models/"):
+                handler = self.model
+            elif path.startswith("/v1/streams/"):
+                handler = self.resume
         scope[COMMON_HEADERS] = self.common_headers
         if self.cors_origins and not self.cors_any:
-            origin = _header(scope, b"origin")
+            origin = header(scope, b"origin")
             if origin in self.cors_origins:
                 scope[COMMON_HEADERS] = [(b"access-control-allow-origin", origin), (b"vary", b"origin")]
         if scope["method"] == "OPTIONS" and scope[COMMON_HEADERS]:
@@ -334,7 +368,16 @@ class HttpApp:
             t0 = time.perf_counter()
             body = await read_body(scope, receive, self.server.max_body_bytes)
             req = protocol.decode(body)
-            session = self.gateway.open(req, protocol.id_prefix)
+            policy = header(scope, b"x-tokenrelay-on-disconnect")
+            if policy is not None:
+                # any protocol can ask, even those without stream_options (Anthropic, Responses, Ollama)
+                if policy not in (b"cancel", b"continue"):
+                    raise invalid(
+                        "x-tokenrelay-on-disconnect must be 'cancel' or 'continue'.",
+                        param="x-tokenrelay-on-disconnect",
+                    )
+                req.on_disconnect = policy.decode()
+            session = self.gateway.open(req, protocol.id_prefix, protocol.name, credential_digest(scope))
             status = 200
             try:
                 if req.stream:
@@ -349,14 +392,40 @@ class HttpApp:
 
         return handler
 
-    def _on_disconnect(self, session: StreamSession) -> bool:
-        policy = session.request.on_disconnect or self.server.on_disconnect
-        return policy == "cancel"
+    async def resume(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /v1/streams/{id}?after=N``: the events after N, then the live stream, in its own protocol."""
+        t0 = time.perf_counter()
+        stream_id = scope["path"][len("/v1/streams/") :]
+        session = self.gateway.find(stream_id)
+        if session is not None:
+            scope[PROTOCOL] = self.protocols[session.protocol]
+        if session is None or session.owner != credential_digest(scope):
+            # the same answer for a stream that never was and one opened with another credential
+            raise GatewayError(
+                404,
+                f"No stream '{stream_id}': unknown, expired, or opened with another credential.",
+                param="id",
+                code="stream_not_found",
+            )
+        after = resume_point(scope)
+        protocol = self.protocols[session.protocol]
+        status = 200
+        try:
+            status = await self._stream(scope, protocol, session, receive, send, after=after, resume=True)
+        finally:
+            self._log(session, protocol, status, t0)
 
     async def _stream(
-        self, scope: Scope, protocol: WireProtocol, session: StreamSession, receive: Receive, send: Send
+        self,
+        scope: Scope,
+        protocol: WireProtocol,
+        session: StreamSession,
+        receive: Receive,
+        send: Send,
+        after: int = 0,
+        resume: bool = False,
     ) -> int:
-        follower = session.follow(keepalive=self.server.keepalive_seconds)
+        follower = session.follow(after=after, keepalive=self.server.keepalive_seconds)
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
         status = 200
         try:
@@ -379,10 +448,19 @@ class HttpApp:
             encoder = protocol.encoder(StreamInfo(session.id, req.model, session.created, req))
             keepalive = encoder.keepalive
             opening = encoder.open()
+            if after:
+                encoder.encode(session.events[:after])  # the encoder's state; the client has these
+                opening = b""
             if opening:
                 await send({"type": "http.response.body", "body": opening, "more_body": True})
+            numbered = resume and protocol.media_type == SSE_MEDIA
             while (batch := await follower.next_batch()) is not None:
-                data = encoder.encode(batch) if batch else keepalive
+                if not batch:
+                    data = keepalive
+                elif numbered:
+                    data = encode_numbered(encoder, batch, follower.cursor - len(batch))
+                else:
+                    data = encoder.encode(batch)
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                     follower.wrote()
@@ -409,8 +487,8 @@ class HttpApp:
         finally:
             watcher.cancel()
             follower.close()
-            if follower.gone and session.followers == 0 and self._on_disconnect(session):
-                session.cancel()
+            if follower.gone:
+                self.gateway.client_left(session)
 
     async def _complete(
         self, scope: Scope, protocol: WireProtocol, session: StreamSession, receive: Receive, send: Send
@@ -424,8 +502,7 @@ class HttpApp:
             watcher.cancel()
             follower.close()
         if follower.gone:
-            if self._on_disconnect(session):
-                session.cancel()
+            self.gateway.client_left(session)
             return 499
         if session.pre_error is not None:
             raise session.pre_error

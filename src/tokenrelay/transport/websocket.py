@@ -29,6 +29,7 @@ from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, T
 from tokenrelay.gateway import Gateway
 from tokenrelay.protocol import openai_chat
 from tokenrelay.session import StreamSession
+from tokenrelay.transport.credentials import credential_digest
 
 log = logging.getLogger("tokenrelay.websocket")
 
@@ -101,8 +102,9 @@ def encode_batch(request_id: str | int, batch: list[Event]) -> list[bytes]:
 class WebSocketChat:
     """One connected socket."""
 
-    def __init__(self, gateway: Gateway, send: Send) -> None:
+    def __init__(self, gateway: Gateway, send: Send, owner: str | None = None) -> None:
         self.gateway = gateway
+        self.owner = owner
         self._send = send
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(SEND_QUEUE)
         self.streams: dict[str | int, tuple[StreamSession, asyncio.Task[None]]] = {}
@@ -134,6 +136,8 @@ class WebSocketChat:
         finally:
             follower.close()
             self.streams.pop(request_id, None)
+            if self.closed:  # the socket went away under this stream
+                self.gateway.client_left(session)
 
     async def handle(self, raw: str | bytes) -> None:
         try:
@@ -174,19 +178,17 @@ class WebSocketChat:
                 raise invalid("A request needs a 'body'.", param="body")
             req = openai_chat.decode_request(bytes(msg.body))
             req.stream = True
-            session = self.gateway.open(req)
+            session = self.gateway.open(req, owner=self.owner)
         except GatewayError as err:
             await self.put(self.error(rid, err))
             return
         task = asyncio.get_running_loop().create_task(self.follow(rid, session))
         self.streams[rid] = (session, task)
 
-    def close(self, server_policy: str) -> None:
+    def close(self) -> None:
         self.closed = True
-        for session, task in list(self.streams.values()):
-            task.cancel()
-            if (session.request.on_disconnect or server_policy) == "cancel":
-                session.cancel()
+        for _session, task in list(self.streams.values()):
+            task.cancel()  # its follower closes, then the stream's disconnect policy applies
 
 
 async def serve_websocket(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
@@ -194,7 +196,7 @@ async def serve_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
     if first["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
-    conn = WebSocketChat(gateway, send)
+    conn = WebSocketChat(gateway, send, credential_digest(scope))
     writer = asyncio.get_running_loop().create_task(conn.writer())
     try:
         while True:
@@ -212,5 +214,5 @@ async def serve_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
     except OSError:
         pass
     finally:
-        conn.close(gateway.config.server.on_disconnect)
+        conn.close()
         writer.cancel()
