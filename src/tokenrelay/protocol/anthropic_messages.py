@@ -16,14 +16,13 @@ import msgspec
 
 from tokenrelay import anthropic_mapping as mapping
 from tokenrelay.anthropic_wire import MessagesRequest
-from tokenrelay.errors import GatewayError, invalid
+from tokenrelay.errors import GatewayError
 from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from tokenrelay.protocol.base import Collected, StreamEncoder, StreamInfo, WireProtocol
-from tokenrelay.protocol.validation import field_error
+from tokenrelay.protocol.validation import decode_body
 from tokenrelay.request import ChatRequest
 
 _encode = msgspec.json.encode
-_top_level = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _request = msgspec.json.Decoder(MessagesRequest)
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
@@ -31,16 +30,7 @@ _STOP_EVENT = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
 def decode_request(body: bytes) -> ChatRequest:
-    try:
-        _top_level.decode(body)
-    except msgspec.ValidationError as exc:
-        raise invalid("Request body must be a JSON object.", code="invalid_json") from exc
-    except msgspec.DecodeError as exc:
-        raise field_error(exc) from exc
-    try:
-        wire = _request.decode(body)
-    except msgspec.DecodeError as exc:
-        raise field_error(exc) from exc
+    _, wire = decode_body(_request, body)
     return mapping.request_to_internal(wire)
 
 

@@ -35,7 +35,7 @@ from tokenrelay.openai_wire import (
     UserPart,
 )
 from tokenrelay.protocol.base import NDJSON_MEDIA, Collected, StreamEncoder, StreamInfo, WireProtocol
-from tokenrelay.protocol.validation import field_error
+from tokenrelay.protocol.validation import decode_body
 from tokenrelay.request import ChatRequest
 
 _encode = msgspec.json.encode
@@ -104,7 +104,6 @@ class GenerateBody(Struct, forbid_unknown_fields=False):
 
 _chat = msgspec.json.Decoder(ChatBody)
 _generate = msgspec.json.Decoder(GenerateBody)
-_top_level = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 _IMAGE_MAGIC = (
     ("iVBOR", "image/png"),
@@ -138,16 +137,7 @@ def _format(fmt: str | dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
-    try:
-        _top_level.decode(body)
-    except msgspec.ValidationError as exc:
-        raise invalid("Request body must be a JSON object.", code="invalid_json") from exc
-    except msgspec.DecodeError as exc:
-        raise field_error(exc) from exc
-    try:
-        wire = decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise field_error(exc) from exc
+    _, wire = decode_body(decoder, body)
     if not wire.model:
         raise invalid("'model' must not be empty.", param="model")
     return wire

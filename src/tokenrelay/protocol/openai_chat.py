@@ -25,11 +25,10 @@ from tokenrelay.events import (
 )
 from tokenrelay.openai_wire import REQUEST_FIELDS, ChatCompletionRequest
 from tokenrelay.protocol.base import Collected, StreamEncoder, StreamInfo, WireProtocol
-from tokenrelay.protocol.validation import field_error
+from tokenrelay.protocol.validation import decode_body
 from tokenrelay.request import ChatRequest
 
 _encode = msgspec.json.encode
-_top_level = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _request = msgspec.json.Decoder(ChatCompletionRequest)
 
 DONE = b"data: [DONE]\n\n"
@@ -37,16 +36,7 @@ DONE = b"data: [DONE]\n\n"
 
 def decode_request(body: bytes) -> ChatRequest:
     """Validate an OpenAI chat request; every failure is a 400 naming the field."""
-    try:
-        top = _top_level.decode(body)
-    except msgspec.ValidationError as exc:
-        raise invalid("Request body must be a JSON object.", code="invalid_json") from exc
-    except msgspec.DecodeError as exc:
-        raise field_error(exc) from exc
-    try:
-        wire = _request.decode(body)
-    except msgspec.DecodeError as exc:
-        raise field_error(exc) from exc
+    top, wire = decode_body(_request, body)
     extra = {k: msgspec.json.decode(v) for k, v in top.items() if k not in REQUEST_FIELDS}
     return to_internal(wire, extra)
 

@@ -39,7 +39,7 @@ from tokenrelay.openai_wire import (
 )
 from tokenrelay.protocol import openai_chat
 from tokenrelay.protocol.base import Collected, StreamEncoder, StreamInfo, WireProtocol
-from tokenrelay.protocol.validation import field_error
+from tokenrelay.protocol.validation import decode_body, field_error
 from tokenrelay.request import ChatRequest
 
 _encode = msgspec.json.encode
@@ -146,7 +146,6 @@ class ResponsesRequest(Struct, forbid_unknown_fields=False):
 
 
 _request = msgspec.json.Decoder(ResponsesRequest)
-_top_level = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 def _convert(obj: Any, typ: type[Any], where: str) -> Any:
@@ -249,16 +248,7 @@ def _tools(wire: ResponsesRequest) -> list[Tool] | None:
 
 
 def decode_request(body: bytes) -> ChatRequest:
-    try:
-        _top_level.decode(body)
-    except msgspec.ValidationError as exc:
-        raise invalid("Request body must be a JSON object.", code="invalid_json") from exc
-    except msgspec.DecodeError as exc:
-        raise field_error(exc) from exc
-    try:
-        wire = _request.decode(body)
-    except msgspec.DecodeError as exc:
-        raise field_error(exc) from exc
+    _, wire = decode_body(_request, body)
     if not wire.model:
         raise invalid("'model' must not be empty.", param="model")
     if wire.previous_response_id:

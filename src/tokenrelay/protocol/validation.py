@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -29,3 +30,23 @@ def field_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> GatewayEr
         return invalid(f"Invalid request body: {what}", code="invalid_value")
     what = what[:1].lower() + what[1:]
     return invalid(f"Invalid value for '{path}': {what}", param=path, code="invalid_value")
+
+
+T = TypeVar("T")
+_top_level = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> tuple[dict[str, Any], T]:
+    """A request body as its top-level fields (undecoded) and as the protocol's typed request.
+
+    The first pass tells "not a JSON object" apart from a field that is wrong, which the second names."""
+    try:
+        top = _top_level.decode(body)
+    except msgspec.ValidationError as exc:
+        raise invalid("Request body must be a JSON object.", code="invalid_json") from exc
+    except msgspec.DecodeError as exc:
+        raise field_error(exc) from exc
+    try:
+        return top, decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise field_error(exc) from exc
