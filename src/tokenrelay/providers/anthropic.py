@@ -29,9 +29,8 @@ from tokenrelay.anthropic_wire import (
 )
 from tokenrelay.config import ModelConfig
 from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
-from tokenrelay.providers.http_base import HttpStreamProvider
+from tokenrelay.providers.http_base import HttpStreamProvider, SSEReads
 from tokenrelay.request import ChatRequest
-from tokenrelay.sse import SSEError, SSEParser
 from tokenrelay.upstream_http import HttpPool, UpstreamResponse
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -88,18 +87,11 @@ class AnthropicProvider(HttpStreamProvider):
     async def relay(
         self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any], loop: asyncio.AbstractEventLoop
     ) -> AsyncIterator[list[Event]]:
-        parser = SSEParser()
         counts = _Counts()
         stop: str | None = None
         tools: dict[int, int] = {}  # Anthropic block index -> tool-call number
-        while data := await resp.read_any():
-            state["last"] = loop.time()
+        async for events in SSEReads(resp, state, loop):
             batch: list[Event] = []
-            try:
-                events = parser.feed(data)
-            except SSEError as exc:
-                yield [Error(type="upstream_error", message=str(exc))]
-                return
             for ev in events:
                 try:
                     # the event name is authoritative; a server that leaves it out still names the type

@@ -21,7 +21,35 @@ from tokenrelay.events import Error, Event
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.upstream_errors import upstream_status_error
 from tokenrelay.request import ChatRequest
+from tokenrelay.sse import SSEError, SSEEvent, SSEParser
 from tokenrelay.upstream_http import HttpPool, UpstreamConnectionError, UpstreamResponse
+
+
+class SSEReads:
+    """Each upstream read as the SSE events it completed (every read as it comes: no line-length limit),
+    marking the read's time for the idle watchdog. A broken stream raises ``SSEError``, which
+    ``HttpStreamProvider.stream()`` reports as ``upstream_error``. A plain async iterator, not an async
+    generator: nothing to finalize when a relay returns early."""
+
+    __slots__ = ("loop", "parser", "resp", "state")
+
+    def __init__(
+        self, resp: UpstreamResponse, state: dict[str, Any], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.resp = resp
+        self.state = state
+        self.loop = loop
+        self.parser = SSEParser()
+
+    def __aiter__(self) -> SSEReads:
+        return self
+
+    async def __anext__(self) -> list[SSEEvent]:
+        data = await self.resp.read_any()
+        if not data:
+            raise StopAsyncIteration
+        self.state["last"] = self.loop.time()
+        return self.parser.feed(data)
 
 
 class HttpStreamProvider(Provider):
@@ -52,9 +80,9 @@ class HttpStreamProvider(Provider):
     def relay(
         self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any], loop: asyncio.AbstractEventLoop
     ) -> AsyncIterator[list[Event]]:
-        """The upstream body as event batches, one per read. Each read sets ``state["last"]`` to the loop
-        time, the first batch with content sets ``state["first"]``, and the final batch ``state["done"]``
-        (so the rest of the body is drained and the connection reused)."""
+        """The upstream body as event batches, one per read (read them with ``SSEReads``). The
+        first batch with content sets ``state["first"]``, and the final batch ``state["done"]`` (so the rest
+        of the body is drained and the connection reused)."""
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
         assert self.pool is not None, "provider not started"
@@ -101,6 +129,8 @@ class HttpStreamProvider(Provider):
             if not accepted:
                 raise GatewayError(504, f"upstream {what} after {limit:g} s", type="timeout") from None
             yield [Error(type="timeout", message=f"upstream {what} after {limit:g} s", status=504)]
+        except SSEError as exc:  # only raised by relay(), so after the upstream accepted
+            yield [Error(type="upstream_error", message=str(exc))]
         except UpstreamConnectionError as exc:
             if not accepted:
                 raise GatewayError(

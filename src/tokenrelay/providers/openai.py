@@ -17,9 +17,8 @@ import msgspec
 from tokenrelay.config import ModelConfig
 from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from tokenrelay.openai_wire import UpChunk, UpError, UpUsage, up_chunk_decoder
-from tokenrelay.providers.http_base import HttpStreamProvider
+from tokenrelay.providers.http_base import HttpStreamProvider, SSEReads
 from tokenrelay.request import ChatRequest, estimate_prompt_tokens
-from tokenrelay.sse import SSEError, SSEParser
 from tokenrelay.upstream_http import HttpPool, UpstreamResponse
 
 _FINISH = {
@@ -105,18 +104,11 @@ class OpenAIProvider(HttpStreamProvider):
     async def relay(
         self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any], loop: asyncio.AbstractEventLoop
     ) -> AsyncIterator[list[Event]]:
-        parser = SSEParser()
         finish: str | None = None
         usage: Usage | None = None
         produced = 0
-        while data := await resp.read_any():
-            state["last"] = loop.time()
+        async for events in SSEReads(resp, state, loop):
             batch: list[Event] = []
-            try:
-                events = parser.feed(data)
-            except SSEError as exc:
-                yield [Error(type="upstream_error", message=str(exc))]
-                return
             for ev in events:
                 payload = ev.data
                 if payload[:6] == b"[DONE]":
