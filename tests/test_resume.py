@@ -198,3 +198,13 @@ def test_a_resume_within_the_grace_keeps_the_model_going(short_grace: Server) ->
     assert data[-1] == b"[DONE]" and b"error" not in data[-2]
     assert len((chat_text(first) + chat_text(data)).split()) == 20
     assert gw.mock_cancelled() == before
+
+
+def test_a_foreign_stream_looks_like_no_stream(gateway: Server) -> None:
+    body = {"model": "demo", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    resp = raw_post(gateway.port, "/v1/messages", body, {"x-api-key": "alice"})
+    foreign = get(gateway.port, f"/v1/streams/{resp.headers['x-stream-id']}", {"x-api-key": "mallory"})
+    unknown = get(gateway.port, "/v1/streams/msg_nope", {"x-api-key": "mallory"})
+    assert foreign[0] == unknown[0] == 404
+    # the same body shape (not the Anthropic one the stream speaks), so nothing says the stream exists
+    assert json.loads(foreign[2]).keys() == json.loads(unknown[2]).keys() == {"error"}

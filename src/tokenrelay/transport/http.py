@@ -327,7 +327,7 @@ class HttpApp:
         await send_json(scope, send, 200, self._model_card(name))
 
     async def ollama_tags(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[PROTOCOL] = OllamaChat()
+        scope[PROTOCOL] = self.protocols["ollama-chat"]
         stamp = datetime.fromtimestamp(self.gateway.started_at, UTC).isoformat().replace("+00:00", "Z")
         models = [
             {
@@ -397,18 +397,17 @@ class HttpApp:
         t0 = time.perf_counter()
         stream_id = scope["path"][len("/v1/streams/") :]
         session = self.gateway.find(stream_id)
-        if session is not None:
-            scope[PROTOCOL] = self.protocols[session.protocol]
         if session is None or session.owner != credential_digest(scope):
-            # the same answer for a stream that never was and one opened with another credential
+            # the same answer, in the same (default) protocol, for a stream that never was and one opened
+            # with another credential: nothing tells a caller that a foreign stream exists
             raise GatewayError(
                 404,
                 f"No stream '{stream_id}': unknown, expired, or opened with another credential.",
                 param="id",
                 code="stream_not_found",
             )
+        protocol = scope[PROTOCOL] = self.protocols[session.protocol]
         after = resume_point(scope)
-        protocol = self.protocols[session.protocol]
         status = 200
         try:
             status = await self._stream(scope, protocol, session, receive, send, after=after, resume=True)
