@@ -51,6 +51,10 @@ class ClientMessage(msgspec.Struct, forbid_unknown_fields=False):
 _client_message = msgspec.json.Decoder(ClientMessage)
 
 
+def error_message(request_id: str | int | None, err: GatewayError | Error) -> bytes:
+    return _encode({"type": "error", "id": request_id, **openai_chat.error_body(err)})
+
+
 def encode_batch(request_id: str | int, batch: list[Event]) -> list[bytes]:
     """One stream's event batch as WebSocket messages (adjacent text of one kind joined into one)."""
     rid = _encode(request_id)
@@ -94,7 +98,7 @@ def encode_batch(request_id: str | int, batch: list[Event]) -> list[bytes]:
             body["usage"] = openai_chat.usage_body(usage) if usage is not None else None
             out.append(_encode(body))
         elif type(ev) is Error:
-            out.append(_encode({"type": "error", "id": request_id, **openai_chat.error_body(ev)}))
+            out.append(error_message(request_id, ev))
     flush()
     return out
 
@@ -106,7 +110,7 @@ class WebSocketChat:
         self.gateway = gateway
         self.owner = owner
         self._send = send
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(SEND_QUEUE)
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(SEND_QUEUE)
         self.streams: dict[str | int, tuple[StreamSession, asyncio.Task[None]]] = {}
         self.closed = False
 
@@ -114,11 +118,9 @@ class WebSocketChat:
         if not self.closed:
             await self.queue.put(data)
 
-    def error(self, request_id: str | int | None, err: GatewayError) -> bytes:
-        return _encode({"type": "error", "id": request_id, **openai_chat.error_body(err)})
-
     async def writer(self) -> None:
-        while (data := await self.queue.get()) is not None:
+        while True:
+            data = await self.queue.get()
             try:
                 await self._send({"type": "websocket.send", "text": data.decode()})
             except OSError:
@@ -132,7 +134,7 @@ class WebSocketChat:
                 for message in encode_batch(request_id, batch):
                     await self.put(message)
             if session.pre_error is not None:
-                await self.put(self.error(request_id, session.pre_error))
+                await self.put(error_message(request_id, session.pre_error))
         finally:
             follower.close()
             self.streams.pop(request_id, None)
@@ -143,7 +145,7 @@ class WebSocketChat:
         try:
             msg = _client_message.decode(raw)
         except msgspec.DecodeError as exc:
-            await self.put(self.error(None, invalid(f"Malformed message: {exc}", code="invalid_message")))
+            await self.put(error_message(None, invalid(f"Malformed message: {exc}", code="invalid_message")))
             return
         if msg.type == "ping":
             await self.put(b'{"type":"pong"}')
@@ -153,13 +155,13 @@ class WebSocketChat:
             entry = self.streams.get(msg.id) if msg.id is not None else None
             if entry is None:
                 await self.put(
-                    self.error(msg.id, invalid(f"No request {msg.id!r} is in flight.", param="id"))
+                    error_message(msg.id, invalid(f"No request {msg.id!r} is in flight.", param="id"))
                 )
             else:
                 entry[0].cancel()
         else:
             await self.put(
-                self.error(
+                error_message(
                     msg.id,
                     invalid(f"Unknown message type {msg.type!r}.", param="type", code="invalid_message"),
                 )
@@ -180,7 +182,7 @@ class WebSocketChat:
             req.stream = True
             session = self.gateway.open(req, owner=self.owner)
         except GatewayError as err:
-            await self.put(self.error(rid, err))
+            await self.put(error_message(rid, err))
             return
         task = asyncio.get_running_loop().create_task(self.follow(rid, session))
         self.streams[rid] = (session, task)
