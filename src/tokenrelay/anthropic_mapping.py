@@ -292,7 +292,8 @@ def _user_blocks(content: str | list[UserPart], where: str) -> list[dict[str, An
     return blocks
 
 
-def _tool_input(arguments: str) -> dict[str, Any]:
+def tool_input(arguments: str) -> dict[str, Any]:
+    """Tool-call arguments (JSON text) as the object Anthropic's ``input`` must be, even when they are not."""
     try:
         value = msgspec.json.decode(arguments) if arguments else {}
     except msgspec.DecodeError:
@@ -333,7 +334,7 @@ def request_to_anthropic(req: ChatRequest, model: str, default_max_tokens: int) 
                         "type": "tool_use",
                         "id": call.id,
                         "name": call.function.name,
-                        "input": _tool_input(call.function.arguments),
+                        "input": tool_input(call.function.arguments),
                     }
                 )
             if blocks:  # Anthropic rejects an empty assistant turn

@@ -158,10 +158,7 @@ class AnthropicMessages(WireProtocol):
         if got.text:
             content.append({"type": "text", "text": "".join(got.text)})
         for i, call in enumerate(got.tool_calls()):
-            try:
-                args = msgspec.json.decode(call["arguments"]) if call["arguments"] else {}
-            except msgspec.DecodeError:
-                args = {"arguments": call["arguments"]}
+            args = mapping.tool_input(call["arguments"])
             content.append(
                 {
                     "type": "tool_use",
