@@ -153,10 +153,7 @@ def _convert(obj: Any, typ: type[Any], where: str) -> Any:
     try:
         return msgspec.convert(obj, typ)
     except msgspec.ValidationError as exc:
-        err = field_error(exc)
-        err.param = f"{where}.{err.param}" if err.param else where
-        err.message = err.message.replace("'", f"'{where}.", 1) if err.param != where else err.message
-        raise err from exc
+        raise field_error(exc, where) from exc
 
 
 def _user_parts(content: list[ContentPart], where: str) -> str | list[UserPart]:

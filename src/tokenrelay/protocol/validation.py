@@ -12,14 +12,17 @@ from tokenrelay.errors import GatewayError, invalid
 _AT_PATH = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
-def field_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> GatewayError:
-    """``Expected `float` <= 2.0 - at `$.temperature` `` -> 400, param ``temperature``."""
+def field_error(exc: msgspec.ValidationError | msgspec.DecodeError, prefix: str = "") -> GatewayError:
+    """``Expected `float` <= 2.0 - at `$.temperature` `` -> 400, param ``temperature``. ``prefix`` is where
+    the value that failed sits in the request, when it was not the whole body (``input[2]``)."""
     text = str(exc)
     if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
         return invalid(f"Request body is not valid JSON: {text}", code="invalid_json")
     match = _AT_PATH.match(text)
     what = match.group("what") if match else text
     path = (match.group("path") or "").lstrip(".") if match else ""
+    if prefix:
+        path = f"{prefix}.{path}" if path else prefix
     if what.startswith("Object missing required field `"):
         missing = what.split("`")[1]
         path = f"{path}.{missing}" if path else missing
