@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -129,20 +130,109 @@ def mock_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         stop(proc)
 
 
+# where a test checks how one upstream error reaches the client: no retry, and no breaker that opens
+# because other tests inject errors on purpose
+ONE_ERROR: dict[str, Any] = {"retries": 0, "breaker": {"enabled": False}}
+
+
+def resilience_models(openai_base: str, anthropic_base: str) -> list[dict[str, Any]]:
+    """Deployments with faults and fallback chains (tests/test_failover.py). A fallback gives the same
+    text as its primary for the same prompt (same mock options but the fault), so a spliced stream can be
+    compared with the whole answer."""
+    text = {"tokens": 20}
+    tools = {
+        "tokens": 4,
+        "tool_chunk_chars": 4,
+        "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}],
+    }
+    fast_retry = {"retry_backoff_seconds": 0.05, "retries": 2}
+    return [
+        {"name": "steady", "provider": "mock", "options": text},
+        {"name": "steady-tools", "provider": "mock", "options": tools},
+        {"name": "flaky", "provider": "mock", "options": {**text, "cut_after": 5}, "fallbacks": ["steady"]},
+        {
+            "name": "flaky-tools",
+            "provider": "mock",
+            "options": {**tools, "cut_after": 7},  # 4 text tokens, then 3 fragments into the call
+            "fallbacks": ["steady-tools"],
+        },
+        {"name": "flaky-alone", "provider": "mock", "options": {**text, "cut_after": 5}, "retries": 0},
+        {
+            "name": "flaky-chain",  # mock -> openai upstream -> anthropic upstream, each cut in turn
+            "provider": "mock",
+            "options": {"tokens": 16, "cut_after": 3},
+            "fallbacks": ["gpt-cut", "claude-plain"],
+        },
+        {
+            "name": "gpt-cut",
+            "provider": "openai",
+            "base_url": openai_base,
+            "retries": 0,
+            "options": {"body": {"mock": {"cut_after": 3}}},
+        },
+        {"name": "claude-plain", "provider": "anthropic", "base_url": anthropic_base, "retries": 0},
+        {
+            "name": "stalled",
+            "provider": "mock",
+            "options": {**text, "stall_after": 4},
+            "idle_timeout": 0.3,
+            "fallbacks": ["steady"],
+        },
+        {
+            "name": "sleepy",
+            "provider": "mock",
+            "options": {**text, "first_token_ms": 5000},
+            "first_token_timeout": 0.3,
+            "fallbacks": ["steady"],
+        },
+        {
+            "name": "down",
+            "provider": "mock",
+            "options": {"error_status": 503},
+            **fast_retry,
+            "fallbacks": ["steady"],
+        },
+        {
+            "name": "busy",
+            "provider": "mock",
+            "options": {"error_status": 429, "retry_after": 0.4},
+            "retries": 1,
+            "fallbacks": ["steady"],
+        },
+        {
+            "name": "busy-long",
+            "provider": "mock",
+            "options": {"error_status": 429, "retry_after": 60},
+            "fallbacks": ["steady"],
+        },
+        {
+            "name": "broken",
+            "provider": "mock",
+            "options": {"error_status": 500},
+            "retries": 0,
+            "breaker": {"failures": 2, "cooldown_seconds": 0.6},
+            "fallbacks": ["steady"],
+        },
+        {"name": "refused", "provider": "mock", "options": {"error_status": 400}, "fallbacks": ["steady"]},
+    ]
+
+
 def gateway_config(upstream_port: int) -> dict[str, Any]:
     upstream = f"http://127.0.0.1:{upstream_port}/v1"
     return {
         "server": {"keepalive_seconds": 0.5, "max_body_bytes": 1_000_000},
         "models": [
             {"name": "tiny", "provider": "llamacpp", "options": {"n_ctx": 1024}},
-            {"name": "demo", "provider": "mock", "options": {"tokens": 12}},
+            {"name": "demo", "provider": "mock", "options": {"tokens": 12}, **ONE_ERROR},
             {"name": "slow", "provider": "mock", "options": {"first_token_ms": 1600, "tokens": 3}},
+            *resilience_models(upstream, f"http://127.0.0.1:{upstream_port}"),
             {
                 "name": "gpt",
                 "provider": "openai",
                 "base_url": upstream,
                 "upstream_model": "gpt-4o-mini",
                 "api_key_env": "TEST_UPSTREAM_KEY",
+                **ONE_ERROR,
             },
             {
                 "name": "gpt-timeout",
@@ -150,6 +240,7 @@ def gateway_config(upstream_port: int) -> dict[str, Any]:
                 "base_url": upstream,
                 "first_token_timeout": 0.6,
                 "idle_timeout": 0.6,
+                **ONE_ERROR,
             },
             {
                 "name": "claude",
@@ -158,12 +249,14 @@ def gateway_config(upstream_port: int) -> dict[str, Any]:
                 "upstream_model": "claude-test",
                 "api_key_env": "TEST_ANTHROPIC_KEY",
                 "default_max_tokens": 333,
+                **ONE_ERROR,
             },
             {
                 "name": "nowhere",
                 "provider": "openai",
                 "base_url": f"http://127.0.0.1:{free_port()}/v1",
                 "connect_timeout": 2,
+                **ONE_ERROR,
             },
         ],
     }
@@ -188,6 +281,40 @@ def gateway(mock_upstream: Server, tmp_path_factory: pytest.TempPathFactory) -> 
         stop(proc)
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "gateway.log").write_bytes(log.read_bytes())
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis: $TOKENRELAY_TEST_REDIS, the machine's on 6379, or a redis-server started here."""
+    if os.environ.get("TOKENRELAY_TEST_REDIS"):
+        yield os.environ["TOKENRELAY_TEST_REDIS"]
+        return
+    if port_open(6379):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (.ci/run installs it: apt-get install redis-server)")
+    port = free_port()
+    log = tmp_path_factory.mktemp("redis") / "redis.log"
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: port_open(port), timeout=10)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(proc)
 
 
 @pytest.fixture(scope="session")

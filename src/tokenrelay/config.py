@@ -21,6 +21,18 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message says where and why."""
 
 
+class BreakerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A deployment's circuit breaker: it opens after ``failures`` failures in a row, or when at least
+    ``error_rate`` of the last ``window`` requests failed (once ``window`` requests were seen), and lets one
+    probe through after ``cooldown_seconds``."""
+
+    enabled: bool = True
+    failures: int = 5
+    error_rate: float = 0.5
+    window: int = 20
+    cooldown_seconds: float = 30.0
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
     provider: ProviderKind
@@ -40,6 +52,15 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # provider-specific knobs (mock faults and timing, llama.cpp sampling defaults ...)
     options: dict[str, Any] = msgspec.field(default_factory=dict)
     description: str | None = None
+    # resilience (docs/resilience.md): before the first byte a failed request is retried on this
+    # deployment ``retries`` times (exponential backoff with full jitter from ``retry_backoff_seconds``,
+    # honouring an upstream Retry-After up to ``retry_max_wait_seconds``), then each deployment in
+    # ``fallbacks`` is tried in order; after the first byte the stream continues on the next fallback.
+    fallbacks: list[str] = msgspec.field(default_factory=list)
+    retries: int = 2
+    retry_backoff_seconds: float = 0.25
+    retry_max_wait_seconds: float = 10.0
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -59,6 +80,15 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backlog: int = 4096
     cors_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
     log_level: str = "info"
+    # shared state for several replicas (docs/deployment.md): stream logs go to Redis Streams
+    redis_url: str | None = None
+    redis_prefix: str = "tokenrelay"
+    max_log_entries: int = 100_000  # a stream's Redis log keeps at most this many batches
+    replica_lease_seconds: float = 5.0  # a live stream's owner refreshes its claim this often x3
+    # backpressure: a reader this many events behind pauses the model's upstream reads until it catches
+    # up; a reader whose writes make no progress for client_stall_seconds is dropped (it can resume)
+    max_buffered_events: int = 4096
+    client_stall_seconds: float = 30.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -92,6 +122,12 @@ _ENV_SERVER = (
     "max_finished_streams",
     "backlog",
     "log_level",
+    "redis_url",
+    "redis_prefix",
+    "max_log_entries",
+    "replica_lease_seconds",
+    "max_buffered_events",
+    "client_stall_seconds",
 )
 
 
@@ -105,6 +141,13 @@ def _validate(data: dict[str, Any], source: str) -> Config:
     if dupes:
         raise ConfigError(f"{source}: model names must be unique, repeated: {', '.join(dupes)}")
     for i, m in enumerate(cfg.models):
+        for j, fb in enumerate(m.fallbacks):
+            if fb not in names or fb == m.name:
+                raise ConfigError(
+                    f"{source}: models[{i}].fallbacks[{j}]: '{fb}' is not another model of this config"
+                )
+        if m.retries < 0:
+            raise ConfigError(f"{source}: models[{i}].retries must be >= 0")
         if m.provider == "openai" and not m.base_url:
             raise ConfigError(f"{source}: models[{i}] ({m.name}): provider openai needs base_url")
         if m.base_url and not m.base_url.startswith(("http://", "https://")):

@@ -10,15 +10,20 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from tokenrelay.config import Config
+from tokenrelay.events import Event
 from tokenrelay.providers import build_provider
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.http_base import HttpStreamProvider
 from tokenrelay.request import ChatRequest, new_stream_id
-from tokenrelay.router import Router
+from tokenrelay.router import Route, Router
 from tokenrelay.session import StreamSession
 from tokenrelay.upstream_http import HttpPool
+
+if TYPE_CHECKING:
+    from tokenrelay.streamlog import RedisStreamLog, StreamMeta
 
 log = logging.getLogger("tokenrelay")
 
@@ -34,11 +39,16 @@ class Gateway:
         self.started_at = int(time.time())
         self.startup_errors: dict[str, str] = {}
         self.pool: HttpPool | None = None
+        self.log: RedisStreamLog | None = None
+        if config.server.redis_url:
+            from tokenrelay.streamlog import RedisStreamLog  # redis loads only when used
+
+            self.log = RedisStreamLog(config.server)
         self._start_task: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
-        return all(p.ready for p in self.providers.values())
+        return "redis" not in self.startup_errors and all(p.ready for p in self.providers.values())
 
     def start(self) -> None:
         """Start every provider in the background; ``ready`` turns true when all are loaded and warm."""
@@ -50,6 +60,12 @@ class Gateway:
             await asyncio.shield(self._start_task)
 
     async def _start(self) -> None:
+        if self.log is not None:
+            try:
+                await self.log.start()
+            except Exception as exc:
+                self.startup_errors["redis"] = f"{type(exc).__name__}: {exc}"
+                log.error("Redis at %s is not reachable: %s", self.config.server.redis_url, exc)
         if any(isinstance(p, HttpStreamProvider) for p in self.providers.values()):
             self.pool = HttpPool(max(m.max_idle_connections for m in self.config.models))
             for p in self.providers.values():
@@ -77,6 +93,8 @@ class Gateway:
             await provider.close()
         if self.pool is not None:
             self.pool.close()
+        if self.log is not None:
+            await self.log.close()
 
     def open(
         self,
@@ -86,13 +104,29 @@ class Gateway:
         owner: str | None = None,
     ) -> StreamSession:
         """Route the request and start its stream; raises ``GatewayError`` for an unknown model."""
-        provider = self.router.route(req)
+        events: list[Event] = []
+        route = Route(req.model)
+        source = self.router.stream(req, events, route)
+        server = self.config.server
         session = StreamSession(
-            new_stream_id(id_prefix), req, provider.cfg.name, provider.stream(req), protocol, owner
+            new_stream_id(id_prefix),
+            req,
+            route,
+            source,
+            protocol,
+            owner,
+            events=events,
+            max_buffered=server.max_buffered_events,
+            stall_limit=server.client_stall_seconds,
         )
+        if self.log is not None:
+            self.log.opened(session)
+        self._track(session)
+        return session
+
+    def _track(self, session: StreamSession) -> None:
         self.streams[session.id] = session
         session.task.add_done_callback(lambda _t: self._retire(session))
-        return session
 
     def _retire(self, session: StreamSession) -> None:
         self.streams.pop(session.id, None)
@@ -107,8 +141,7 @@ class Gateway:
                 break
             self.finished.pop(oldest.id)
 
-    def find(self, stream_id: str) -> StreamSession | None:
-        """A live stream, or a finished one that has not expired."""
+    def _find_here(self, stream_id: str) -> StreamSession | None:
         session = self.streams.get(stream_id)
         if session is not None:
             return session
@@ -119,6 +152,41 @@ class Gateway:
             self.finished.pop(stream_id, None)
             return None
         return entry[1]
+
+    async def find(self, stream_id: str, owner: str | None) -> StreamSession | None:
+        """A live stream, or a finished one that has not expired, opened with the credential ``owner``:
+        from this process, else (with Redis) from the shared log, followed here from now on."""
+        session = self._find_here(stream_id)
+        if session is None and self.log is not None:
+            meta = await self.log.meta(stream_id)
+            if meta is not None and meta.owner == owner:
+                session = self._find_here(stream_id)  # another resume may have opened it meanwhile
+                if session is None:
+                    session = self._follow_remote(stream_id, meta)
+        if session is None or session.owner != owner:
+            return None
+        return session
+
+    def _follow_remote(self, stream_id: str, meta: StreamMeta) -> StreamSession:
+        from tokenrelay.remote import RemoteStream
+
+        assert self.log is not None
+        remote = RemoteStream(self.log, self.router, stream_id)
+        server = self.config.server
+        session = StreamSession(
+            stream_id,
+            meta.request,
+            Route(meta.request.model),
+            remote.stream(),
+            meta.protocol,
+            meta.owner,
+            max_buffered=server.max_buffered_events,
+            stall_limit=server.client_stall_seconds,
+        )
+        session.created = meta.created
+        remote.session = session
+        self._track(session)
+        return session
 
     def client_left(self, session: StreamSession) -> None:
         """A transport's reader is gone: apply the request's disconnect policy (or the server's)."""

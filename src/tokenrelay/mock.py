@@ -21,7 +21,7 @@ import msgspec
 
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
-from tokenrelay.openai_wire import TextPart, UserMessage
+from tokenrelay.openai_wire import AssistantMessage, TextPart, UserMessage
 from tokenrelay.protocol.validation import field_error
 from tokenrelay.request import ChatRequest, estimate_prompt_tokens
 
@@ -54,7 +54,7 @@ class MockOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     error_message: str = "mock upstream error"
     error_type: str | None = None
     retry_after: float | None = None
-    cut_after: int | None = None  # the upstream dies after N tokens
+    cut_after: int | None = None  # the upstream dies after N tokens (tool-call fragments count on)
     stall_after: int | None = None  # the upstream goes silent after N tokens ...
     stall_ms: float | None = None  # ... for this long (default: until cancelled)
     malformed_after: int | None = None  # a chunk that is not JSON after N tokens
@@ -108,6 +108,30 @@ def mock_tokens(opts: MockOptions, req: ChatRequest) -> list[str]:
     if out:
         out[-1] = out[-1].rstrip()
     return out
+
+
+def continue_after(tokens: list[str], req: ChatRequest) -> list[str]:
+    """The tokens left when the request ends with an assistant message that is a prefix of this text (a
+    gateway failing over mid-stream sends the text so far that way); all of them otherwise."""
+    last = req.messages[-1] if req.messages else None
+    if not isinstance(last, AssistantMessage) or not last.content:
+        return tokens
+    prefix = (
+        last.content
+        if isinstance(last.content, str)
+        else "".join(p.text for p in last.content if isinstance(p, TextPart))
+    )
+    if not "".join(tokens).startswith(prefix):
+        return tokens
+    seen = 0
+    for i, token in enumerate(tokens):
+        if seen + len(token) > len(prefix):
+            rest, after = token[len(prefix) - seen :], tokens[i + 1 :]
+            if after and not rest.strip():  # only the space the prefix lost: part of the next token
+                return [rest + after[0], *after[1:]]
+            return [rest, *after]
+        seen += len(token)
+    return []
 
 
 @dataclass
@@ -171,7 +195,7 @@ async def run_script(
         yield []
         if opts.reasoning:
             yield [ReasoningDelta(t) for t in _split(opts.reasoning)]
-        tokens = mock_tokens(opts, req)
+        tokens = continue_after(mock_tokens(opts, req), req)
         finish = "stop"
         if req.max_tokens is not None and len(tokens) > req.max_tokens:
             tokens, finish = tokens[: req.max_tokens], "length"
@@ -207,7 +231,13 @@ async def run_script(
             yield [TextDelta(t) for t in tokens[sent:stop_at]]
             sent = stop_at
         tool_batches = _tool_events(opts, req)
-        for batch in tool_batches:
+        for i, batch in enumerate(tool_batches):
+            # a fault may strike in the middle of a tool call too: fragments count on from the text tokens
+            if opts.cut_after is not None and sent + i >= opts.cut_after:
+                outcome = "cut"
+                stats.failed += 1
+                yield Fault("cut")
+                return
             yield batch
         if tool_batches:
             finish = "tool_calls"

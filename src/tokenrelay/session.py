@@ -6,6 +6,12 @@ cursor into that log, so the client that started the stream, a client resuming i
 read the same log at their own pace, and the model is never blocked by a reader. A follower wakes on
 new events, on its keep-alive timer (one self-re-arming timer per follower, not one per chunk) and on
 its client's disconnect.
+
+Backpressure: the log absorbs a slow reader's lag up to ``max_buffered`` events; beyond that the session
+stops pulling from the provider (so the upstream socket fills and TCP pushes back on the model) until the
+reader catches up to half of that. A reader that makes no progress for ``stall_limit`` seconds while the
+stream waits on it is dropped (``Follower.stalled``): its transport ends its response with a resumable
+error, and the stream goes on for the disconnect grace period so the client can resume.
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import TERMINAL, Error, Event
 from tokenrelay.request import ChatRequest
+from tokenrelay.router import Route
+
+# where a session's batches go besides its own log (a shared store): (session, index of first, batch)
+Sink = Callable[["StreamSession", int, list[Event]], None]
 
 log = logging.getLogger("tokenrelay.session")
 
@@ -33,33 +43,53 @@ class StreamSession:
         self,
         stream_id: str,
         request: ChatRequest,
-        deployment: str,
+        route: Route,
         source: AsyncIterator[list[Event]],
         protocol: str = "openai",
         owner: str | None = None,
+        events: list[Event] | None = None,
+        sink: Sink | None = None,
+        max_buffered: int = 4096,
+        stall_limit: float = 30.0,
     ) -> None:
         self.id = stream_id
         self.request = request
-        self.deployment = deployment
+        self.route = route
         self.protocol = protocol  # the wire protocol that opened it: a resume answers in the same one
         self.owner = owner  # a digest of the credential that opened it: only that one may resume it
         self.created = int(time.time())
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
-        self.events: list[Event] = []
+        self.events: list[Event] = [] if events is None else events
+        self.sink = sink
         self.accepted = False
         self.done = False
         self.pre_error: GatewayError | None = None
         self.followers = 0
+        self.readers: set[Follower] = set()
+        self.max_buffered = max_buffered
+        self.stall_limit = stall_limit
+        self.paused: asyncio.Future[None] | None = None
+        self.pauses = 0
         self._grace: asyncio.TimerHandle | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._loop = asyncio.get_running_loop()
         self.task = self._loop.create_task(self._run(source), name=f"stream {stream_id}")
 
+    @property
+    def deployment(self) -> str:
+        return self.route.deployment
+
     def _wake(self) -> None:
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             _wake_all(waiters)
+
+    def _append(self, batch: list[Event]) -> None:
+        start = len(self.events)
+        self.events.extend(batch)
+        if self.sink is not None:
+            self.sink(self, start, batch)
 
     async def _run(self, source: AsyncIterator[list[Event]]) -> None:
         events = self.events
@@ -69,25 +99,29 @@ class StreamSession:
                 if batch:
                     if self.first_token_at is None:
                         self.first_token_at = time.perf_counter()
-                    events.extend(batch)
+                    self._append(batch)
+                    self._wake()
                     if isinstance(batch[-1], TERMINAL):
                         break
-                self._wake()
+                    if len(events) - self.max_buffered > 0 and self.readers:
+                        await self._backpressure()
+                else:
+                    self._wake()
             else:
                 if not events or not isinstance(events[-1], TERMINAL):
-                    events.append(
-                        Error(type="upstream_disconnect", message="the model's stream ended unfinished")
+                    self._append(
+                        [Error(type="upstream_disconnect", message="the model's stream ended unfinished")]
                     )
         except GatewayError as exc:
             if self.accepted:
-                events.append(exc.to_event())
+                self._append([exc.to_event()])
             else:
                 self.pre_error = exc
         except asyncio.CancelledError:
-            events.append(Error(type="cancelled", message="the stream was cancelled", status=499))
+            self._append([Error(type="cancelled", message="the stream was cancelled", status=499)])
         except Exception:
             log.exception("stream %s failed inside the gateway", self.id)
-            events.append(Error(type="internal_error", message="internal error in the gateway", status=500))
+            self._append([Error(type="internal_error", message="internal error in the gateway", status=500)])
         finally:
             self.done = True
             if self._grace is not None:
@@ -99,6 +133,34 @@ class StreamSession:
                     await aclose()
                 except Exception:
                     log.exception("closing the provider stream of %s failed", self.id)
+
+    def _lagging(self) -> list[Follower]:
+        limit = len(self.events) - self.max_buffered
+        return [f for f in self.readers if f.cursor < limit]
+
+    async def _backpressure(self) -> None:
+        """Stop pulling from the provider while a reader is too far behind; drop it if it stalls."""
+        while lagging := self._lagging():
+            self.pauses += 1
+            fut = self.paused = self._loop.create_future()
+            handle = self._loop.call_later(self.stall_limit, _wake_all, [fut])
+            try:
+                await fut
+            finally:
+                handle.cancel()
+                self.paused = None
+            now = self._loop.time()
+            for follower in lagging:
+                if follower in self.readers and now - follower.progress_at >= self.stall_limit:
+                    follower.evict()
+
+    def reader_progress(self) -> None:
+        """A reader took events: resume the provider once every reader is within half the buffer."""
+        fut = self.paused
+        if fut is not None and not fut.done():
+            limit = len(self.events) - self.max_buffered // 2
+            if all(f.cursor >= limit for f in self.readers):
+                fut.set_result(None)
 
     def cancel(self) -> None:
         """Stop the model now (its provider sees the cancellation at its next await)."""
@@ -140,18 +202,33 @@ class StreamSession:
 class Follower:
     """One client's read position in a session."""
 
-    __slots__ = ("_fut", "_loop", "_timer", "cursor", "gone", "keepalive", "last_write", "session")
+    __slots__ = (
+        "_fut",
+        "_loop",
+        "_timer",
+        "cursor",
+        "gone",
+        "keepalive",
+        "last_write",
+        "on_evict",
+        "progress_at",
+        "session",
+        "stalled",
+    )
 
     def __init__(self, session: StreamSession, after: int, keepalive: float | None) -> None:
         self.session = session
         self.cursor = after
         self.gone = False
+        self.stalled = False
+        self.on_evict: Callable[[], object] | None = None  # the transport's way to stop a blocked write
         self.keepalive = keepalive
         self._loop = session._loop
-        self.last_write = self._loop.time()
+        self.last_write = self.progress_at = self._loop.time()
         self._fut: asyncio.Future[None] | None = None
         self._timer = self._loop.call_at(self.last_write + keepalive, self._tick) if keepalive else None
         session.followers += 1
+        session.readers.add(self)
 
     def _tick(self) -> None:
         assert self.keepalive
@@ -171,6 +248,14 @@ class Follower:
         self.gone = True
         self._poke()
 
+    def evict(self) -> None:
+        """Too slow for too long: stop waiting for this reader (its transport ends the response)."""
+        self.stalled = True
+        self.session.readers.discard(self)
+        self.disconnect()
+        if self.on_evict is not None:
+            self.on_evict()
+
     def wrote(self) -> None:
         self.last_write = self._loop.time()
 
@@ -184,6 +269,9 @@ class Follower:
             if n > self.cursor:
                 batch = events[self.cursor : n]
                 self.cursor = n
+                self.progress_at = self._loop.time()
+                if session.paused is not None:
+                    session.reader_progress()
                 return batch
             if session.done or self.gone:
                 return None
@@ -198,3 +286,6 @@ class Follower:
             self._timer.cancel()
             self._timer = None
         self.session.followers -= 1
+        self.session.readers.discard(self)
+        if self.session.paused is not None:
+            self.session.reader_progress()

@@ -10,7 +10,6 @@ truncated; ``event: error`` ends the stream with that error.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -82,15 +81,16 @@ class AnthropicProvider(HttpStreamProvider):
 
     def body(self, req: ChatRequest) -> bytes:
         model = self.cfg.upstream_model or self.cfg.name
-        return msgspec.json.encode(mapping.request_to_anthropic(req, model, self.cfg.default_max_tokens))
+        body = mapping.request_to_anthropic(req, model, self.cfg.default_max_tokens)
+        return msgspec.json.encode({**self.body_defaults, **body} if self.body_defaults else body)
 
     async def relay(
-        self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any], loop: asyncio.AbstractEventLoop
+        self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any]
     ) -> AsyncIterator[list[Event]]:
         counts = _Counts()
         stop: str | None = None
         tools: dict[int, int] = {}  # Anthropic block index -> tool-call number
-        async for events in SSEReads(resp, state, loop):
+        async for events in SSEReads(resp):
             batch: list[Event] = []
             for ev in events:
                 try:
@@ -163,7 +163,6 @@ class AnthropicProvider(HttpStreamProvider):
                     yield batch
                     return
             if batch:
-                state["first"] = True
                 yield batch
         yield [
             Error(

@@ -3,15 +3,14 @@
 One keep-alive connection pool for all upstream calls (``upstream_http``: a lean HTTP/1.1 client,
 measured against aiohttp in docs/performance.md). The upstream is always asked to stream, whatever the
 client asked: the gateway assembles non-streaming answers itself, so both kinds share one code path.
-Timeouts: connect, first token, and idle between reads, checked by one watchdog timer per stream that
-re-arms itself (no per-read timer churn). Subclasses say how to build the request body and how to turn
+The connect timeout is here; first-token and stall timeouts are the router's, the same for every
+provider. Subclasses say how to build the request body and how to turn
 the upstream's stream into event batches (``relay``).
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,19 +25,15 @@ from tokenrelay.upstream_http import HttpPool, UpstreamConnectionError, Upstream
 
 
 class SSEReads:
-    """Each upstream read as the SSE events it completed (every read as it comes: no line-length limit),
-    marking the read's time for the idle watchdog. A broken stream raises ``SSEError``, which
-    ``HttpStreamProvider.stream()`` reports as ``upstream_error``. A plain async iterator, not an async
-    generator: nothing to finalize when a relay returns early."""
+    """Each upstream read as the SSE events it completed (every read as it comes: no line-length limit).
+    A broken stream raises ``SSEError``, which ``HttpStreamProvider.stream()`` reports as
+    ``upstream_error``. A plain async iterator, not an async generator: nothing to finalize when a relay
+    returns early."""
 
-    __slots__ = ("loop", "parser", "resp", "state")
+    __slots__ = ("parser", "resp")
 
-    def __init__(
-        self, resp: UpstreamResponse, state: dict[str, Any], loop: asyncio.AbstractEventLoop
-    ) -> None:
+    def __init__(self, resp: UpstreamResponse) -> None:
         self.resp = resp
-        self.state = state
-        self.loop = loop
         self.parser = SSEParser()
 
     def __aiter__(self) -> SSEReads:
@@ -48,7 +43,6 @@ class SSEReads:
         data = await self.resp.read_any()
         if not data:
             raise StopAsyncIteration
-        self.state["last"] = self.loop.time()
         return self.parser.feed(data)
 
 
@@ -61,6 +55,12 @@ class HttpStreamProvider(Provider):
         self.headers = headers
         self.pool = pool
         self._own_pool = False
+        # options.body: fields added to every upstream request of this deployment (a vLLM or provider
+        # specific knob, or a mock-upstream's fault options); the request's own fields win
+        body = cfg.options.get("body") or {}
+        if not isinstance(body, dict):
+            raise ValueError(f"models.{cfg.name}.options.body must be a mapping")
+        self.body_defaults: dict[str, Any] = body
 
     async def start(self) -> None:
         if self.pool is None:
@@ -78,57 +78,34 @@ class HttpStreamProvider(Provider):
 
     @abc.abstractmethod
     def relay(
-        self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any], loop: asyncio.AbstractEventLoop
+        self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any]
     ) -> AsyncIterator[list[Event]]:
-        """The upstream body as event batches, one per read (read them with ``SSEReads``). The
-        first batch with content sets ``state["first"]``, and the final batch ``state["done"]`` (so the rest
-        of the body is drained and the connection reused)."""
+        """The upstream body as event batches, one per read (read them with ``SSEReads``). The final batch
+        sets ``state["done"]`` (so the rest of the body is drained and the connection reused)."""
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
+        # first-token and stall timeouts are the router's (failover.py), the same for every provider
         assert self.pool is not None, "provider not started"
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        first_limit, idle_limit = self.cfg.first_token_timeout, self.cfg.idle_timeout
-        state: dict[str, Any] = {"last": started, "first": False}
+        state: dict[str, Any] = {}
         accepted = False
         try:
-            async with asyncio.timeout(None) as deadline:
-
-                def watchdog() -> None:
-                    base, limit = (state["last"], idle_limit) if state["first"] else (started, first_limit)
-                    due = float(base) + limit
-                    if loop.time() >= due:
-                        deadline.reschedule(loop.time())  # expires now: TimeoutError below
-                    else:
-                        state["timer"] = loop.call_at(due, watchdog)
-
-                state["timer"] = loop.call_at(started + first_limit, watchdog)
-                try:
-                    resp = await self.pool.request(
-                        "POST", self.url, self.headers, self.body(req), self.cfg.connect_timeout
+            resp = await self.pool.request(
+                "POST", self.url, self.headers, self.body(req), self.cfg.connect_timeout
+            )
+            try:
+                if resp.status != 200:
+                    raise upstream_status_error(
+                        resp.status, await resp.read(65536), resp.headers.get("retry-after")
                     )
-                    try:
-                        if resp.status != 200:
-                            raise upstream_status_error(
-                                resp.status, await resp.read(65536), resp.headers.get("retry-after")
-                            )
-                        accepted = True
-                        yield []
-                        async for batch in self.relay(resp, req, state, loop):
-                            yield batch
-                    finally:
-                        if state.get("done"):
-                            # the client has its last chunk; read the body to its end to reuse the connection
-                            await resp.drain()
-                        resp.release()
-                finally:
-                    state["timer"].cancel()
-        except TimeoutError:
-            what = "idle timeout" if state["first"] else "first-token timeout"
-            limit = idle_limit if state["first"] else first_limit
-            if not accepted:
-                raise GatewayError(504, f"upstream {what} after {limit:g} s", type="timeout") from None
-            yield [Error(type="timeout", message=f"upstream {what} after {limit:g} s", status=504)]
+                accepted = True
+                yield []
+                async for batch in self.relay(resp, req, state):
+                    yield batch
+            finally:
+                if state.get("done"):
+                    # the client has its last chunk; read the body to its end to reuse the connection
+                    await resp.drain()
+                resp.release()
         except SSEError as exc:  # only raised by relay(), so after the upstream accepted
             yield [Error(type="upstream_error", message=str(exc))]
         except UpstreamConnectionError as exc:

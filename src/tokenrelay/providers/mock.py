@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+
 from tokenrelay.config import ModelConfig
 from tokenrelay.events import Error, Event
 from tokenrelay.mock import Fault, MockStats, parse_options, run_script
@@ -36,6 +38,11 @@ class MockProvider(Provider):
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
         opts = parse_options(self.cfg.options, req.mock)
+        # what this deployment was asked (a failover's continuation shows its assistant prefix here)
+        self.stats_data.last_request = {
+            "messages": msgspec.to_builtins(req.messages),
+            "max_tokens": req.max_tokens,
+        }
         async for item in run_script(opts, req, self.stats_data):
             if isinstance(item, Fault):
                 yield [FAULT_ERRORS[item.kind]]

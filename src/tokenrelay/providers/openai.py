@@ -7,7 +7,6 @@ A stream that ends without ``[DONE]`` is truncated and reported as ``upstream_di
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -90,7 +89,7 @@ class OpenAIProvider(HttpStreamProvider):
         super().__init__(cfg, cfg.base_url.rstrip("/") + "/chat/completions", headers, pool)
 
     def body(self, req: ChatRequest) -> bytes:
-        payload: dict[str, Any] = dict(req.extra)
+        payload: dict[str, Any] = {**self.body_defaults, **req.extra}
         payload["model"] = self.cfg.upstream_model or self.cfg.name
         payload["messages"] = req.messages
         payload["stream"] = True
@@ -102,12 +101,12 @@ class OpenAIProvider(HttpStreamProvider):
         return msgspec.json.encode(payload)
 
     async def relay(
-        self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any], loop: asyncio.AbstractEventLoop
+        self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any]
     ) -> AsyncIterator[list[Event]]:
         finish: str | None = None
         usage: Usage | None = None
         produced = 0
-        async for events in SSEReads(resp, state, loop):
+        async for events in SSEReads(resp):
             batch: list[Event] = []
             for ev in events:
                 payload = ev.data
@@ -131,7 +130,6 @@ class OpenAIProvider(HttpStreamProvider):
                 if chunk.usage is not None:
                     usage = _usage(chunk.usage)
             if batch:
-                state["first"] = True
                 produced += len(batch)
                 yield batch
         yield [Error(type="upstream_disconnect", message="upstream stream ended without [DONE] (truncated)")]

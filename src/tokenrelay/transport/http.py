@@ -357,7 +357,13 @@ class HttpApp:
             scope,
             send,
             200,
-            {"active_streams": len(gw.streams), "models": {n: p.stats() for n, p in gw.providers.items()}},
+            {
+                "active_streams": len(gw.streams),
+                "models": {
+                    n: {**p.stats(), "breaker": gw.router.deployments[n].breaker.stats()}
+                    for n, p in gw.providers.items()
+                },
+            },
         )
 
     # ------------------------------------------------------------------------------ model streams
@@ -396,8 +402,8 @@ class HttpApp:
         """``GET /v1/streams/{id}?after=N``: the events after N, then the live stream, in its own protocol."""
         t0 = time.perf_counter()
         stream_id = scope["path"][len("/v1/streams/") :]
-        session = self.gateway.find(stream_id)
-        if session is None or session.owner != credential_digest(scope):
+        session = await self.gateway.find(stream_id, credential_digest(scope))
+        if session is None:
             # the same answer, in the same (default) protocol, for a stream that never was and one opened
             # with another credential: nothing tells a caller that a foreign stream exists
             raise GatewayError(
@@ -426,7 +432,12 @@ class HttpApp:
     ) -> int:
         follower = session.follow(after=after, keepalive=self.server.keepalive_seconds)
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
+        handler_task = asyncio.current_task()
+        assert handler_task is not None
+        follower.on_evict = handler_task.cancel  # a write stuck on a client that stopped reading
         status = 200
+        encoder: StreamEncoder | None = None
+        delivered = after  # events the client has been sent in full
         try:
             await session.wait_started(self.server.keepalive_seconds)
             if session.pre_error is not None:
@@ -463,6 +474,7 @@ class HttpApp:
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                     follower.wrote()
+                delivered = follower.cursor
             if follower.gone:
                 return 499
             if not encoder.finished:
@@ -483,11 +495,42 @@ class HttpApp:
         except OSError:
             follower.gone = True  # the socket broke under a write
             return 499
+        except asyncio.CancelledError:
+            if not follower.stalled:
+                raise
+            handler_task.uncancel()
+            await self._drop_stalled(session, delivered, encoder, send)
+            return 408
         finally:
             watcher.cancel()
             follower.close()
-            if follower.gone:
+            if follower.stalled:
+                session.client_left("continue", self.server.disconnect_grace_seconds)
+            elif follower.gone:
                 self.gateway.client_left(session)
+
+    async def _drop_stalled(
+        self, session: StreamSession, delivered: int, encoder: StreamEncoder | None, send: Send
+    ) -> None:
+        """A client too slow for too long: end its response with a resumable error (if the socket takes
+        it within a second) and let the stream run on for the grace period, so it can resume."""
+        if encoder is None:
+            return
+        error = Error(
+            type="client_too_slow",
+            message=(
+                f"the client read too slowly; resume with GET /v1/streams/{session.id}?after={delivered}"
+            ),
+            status=408,
+            code="resumable",
+        )
+        try:
+            async with asyncio.timeout(1.0):
+                await send(
+                    {"type": "http.response.body", "body": encoder.encode([error]), "more_body": False}
+                )
+        except Exception:
+            pass
 
     async def _complete(
         self, scope: Scope, protocol: WireProtocol, session: StreamSession, receive: Receive, send: Send
