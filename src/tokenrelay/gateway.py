@@ -38,6 +38,7 @@ class Gateway:
         self.finished: OrderedDict[str, tuple[float, StreamSession]] = OrderedDict()
         self.started_at = int(time.time())
         self.startup_errors: dict[str, str] = {}
+        self.evicted = 0  # readers dropped for reading too slowly
         self.pool: HttpPool | None = None
         self.log: RedisStreamLog | None = None
         if config.server.redis_url:

@@ -359,6 +359,10 @@ class HttpApp:
             200,
             {
                 "active_streams": len(gw.streams),
+                # backpressure: streams waiting on a slow reader, and the events live streams hold
+                "paused_streams": sum(1 for st in gw.streams.values() if st.paused is not None),
+                "log_events": sum(len(st.events) for st in gw.streams.values()),
+                "evicted_readers": gw.evicted,
                 "models": {
                     n: {**p.stats(), "breaker": gw.router.deployments[n].breaker.stats()}
                     for n, p in gw.providers.items()
@@ -499,6 +503,7 @@ class HttpApp:
             if not follower.stalled:
                 raise
             handler_task.uncancel()
+            self.gateway.evicted += 1
             await self._drop_stalled(session, delivered, encoder, send)
             return 408
         finally:
@@ -513,7 +518,7 @@ class HttpApp:
         self, session: StreamSession, delivered: int, encoder: StreamEncoder | None, send: Send
     ) -> None:
         """A client too slow for too long: end its response with a resumable error (if the socket takes
-        it within a second) and let the stream run on for the grace period, so it can resume."""
+        it within a few seconds) and let the stream run on for the grace period, so it can resume."""
         if encoder is None:
             return
         error = Error(
@@ -525,7 +530,7 @@ class HttpApp:
             code="resumable",
         )
         try:
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(5.0):
                 await send(
                     {"type": "http.response.body", "body": encoder.encode([error]), "more_body": False}
                 )
