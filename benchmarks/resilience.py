@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -61,7 +62,9 @@ class Procs:
         port = free_port()
         cfg = self.tmp / f"{name}.yaml"
         cfg.write_text(yaml.safe_dump(config))
-        proc = self.start(name, [sys.executable, "-m", "tokenrelay", "serve", "--config", str(cfg), "--port", str(port)])
+        proc = self.start(
+            name, [sys.executable, "-m", "tokenrelay", "serve", "--config", str(cfg), "--port", str(port)]
+        )
         wait_ready(port, "/readyz", proc)
         return port
 
@@ -95,7 +98,10 @@ def wait_ready(port: int, path: str, proc: subprocess.Popen[bytes]) -> None:
 
 def request(method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
     data = json.dumps(body).encode() if body is not None else b""
-    head = f"{method} {path} HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
     return head.encode() + data
 
 
@@ -151,10 +157,12 @@ async def failover_gaps(port: int, samples: int) -> tuple[list[float], list[floa
         reader, writer = await open_stream(port, request("POST", "/v1/chat/completions", body))
         _, times = await read_events(reader, 40)
         # the splice is the one long gap; the tokens around it come every 10 ms
-        gaps.append(max(b - a for a, b in zip(times, times[1:], strict=False)) * 1000)
+        gaps.append(max(b - a for a, b in itertools.pairwise(times)) * 1000)
         writer.close()
         t0 = time.perf_counter()
-        reader, writer = await open_stream(port, request("POST", "/v1/chat/completions", {**body, "model": "fallback"}))
+        reader, writer = await open_stream(
+            port, request("POST", "/v1/chat/completions", {**body, "model": "fallback"})
+        )
         _, times = await read_events(reader, 1)
         ttfts.append((times[0] - t0) * 1000)
         writer.close()
@@ -167,14 +175,19 @@ def tree_rss(pid: int) -> int:
 
 
 async def normal_gaps(port: int, streams: int, rounds: int) -> list[float]:
-    body = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": "normal"}], "max_tokens": 50}
+    body = {
+        "model": "fast",
+        "stream": True,
+        "messages": [{"role": "user", "content": "normal"}],
+        "max_tokens": 50,
+    }
 
     async def one() -> list[float]:
         gaps: list[float] = []
         for _ in range(rounds):
             reader, writer = await open_stream(port, request("POST", "/v1/chat/completions", body))
             _, times = await read_events(reader, 50)
-            gaps += [(b - a) * 1000 for a, b in zip(times, times[1:], strict=False)]
+            gaps += [(b - a) * 1000 for a, b in itertools.pairwise(times)]
             writer.close()
         return gaps
 
@@ -183,7 +196,12 @@ async def normal_gaps(port: int, streams: int, rounds: int) -> list[float]:
 
 
 async def slow_reader(port: int, stop: asyncio.Event) -> None:
-    body = {"model": "fast", "stream": True, "messages": [{"role": "user", "content": "slow"}], "max_tokens": 100}
+    body = {
+        "model": "fast",
+        "stream": True,
+        "messages": [{"role": "user", "content": "slow"}],
+        "max_tokens": 100,
+    }
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
@@ -236,7 +254,19 @@ def main() -> int:
         up = free_port()
         procs.start("mock-upstream", [sys.executable, "-m", "tokenrelay", "mock-upstream", "--port", str(up)])
         fake = free_port()
-        procs.start("fake", [sys.executable, "benchmarks/fake_upstream.py", "--port", str(fake), "--tokens", "100", "--interval-ms", "10"])
+        procs.start(
+            "fake",
+            [
+                sys.executable,
+                "benchmarks/fake_upstream.py",
+                "--port",
+                str(fake),
+                "--tokens",
+                "100",
+                "--interval-ms",
+                "10",
+            ],
+        )
         time.sleep(1.5)
         story = {"name": "story", "provider": "mock"}
         server = {"on_disconnect": "continue"}
@@ -253,27 +283,42 @@ def main() -> int:
                         "name": "primary",
                         "provider": "openai",
                         "base_url": base,
-                        "options": {"body": {"mock": {"tokens": 40, "tokens_per_second": 100, "cut_after": 10}}},
+                        "options": {
+                            "body": {"mock": {"tokens": 40, "tokens_per_second": 100, "cut_after": 10}}
+                        },
                         "fallbacks": ["fallback"],
+                        "breaker": {"enabled": False},  # else it opens and no stream is spliced
                     },
                     {
                         "name": "fallback",
                         "provider": "openai",
                         "base_url": base,
-                        "options": {"body": {"mock": {"tokens": 40, "tokens_per_second": 100, "first_token_ms": 50}}},
+                        "options": {
+                            "body": {"mock": {"tokens": 40, "tokens_per_second": 100, "first_token_ms": 50}}
+                        },
                     },
                 ]
             },
         )
-        slow_cfg = {"models": [{"name": "fast", "provider": "openai", "base_url": f"http://127.0.0.1:{fake}/v1"}]}
+        slow_cfg = {
+            "models": [{"name": "fast", "provider": "openai", "base_url": f"http://127.0.0.1:{fake}/v1"}]
+        }
         slow_port = procs.gateway("slow", slow_cfg)
         slow_pid = procs.procs[-1].pid
 
         async def run_all() -> None:
-            for label, start, resume in (("memory", mem, mem), ("redis, same replica", a, a), ("redis, other replica", a, b)):
+            for label, start, resume in (
+                ("memory", mem, mem),
+                ("redis, same replica", a, a),
+                ("redis, other replica", a, b),
+            ):
                 await resume_latency(start, resume, 5)  # warm-up
                 lat = await resume_latency(start, resume, args.samples)
-                results[f"resume {label}"] = {"p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "n": len(lat)}
+                results[f"resume {label}"] = {
+                    "p50_ms": pct(lat, 0.5),
+                    "p99_ms": pct(lat, 0.99),
+                    "n": len(lat),
+                }
                 print(label, results[f"resume {label}"], flush=True)
             gaps, ttfts = await failover_gaps(fo, 50)
             results["failover"] = {
