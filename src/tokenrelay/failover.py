@@ -17,6 +17,7 @@ attempt (no timer per read). Time the stream spends paused by backpressure does 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -150,6 +151,10 @@ async def _attempt(
                     if failed:
                         raise _Failed(last)  # type: ignore[arg-type]
                     if type(last) in (Finish, Error):
+                        # let the provider end in place (each one returns after its last batch) rather
+                        # than abandon it mid-generator, which costs an event-loop task to finalize it
+                        with contextlib.suppress(StopAsyncIteration):
+                            await source.__anext__()
                         return
             finally:
                 timer[0].cancel()

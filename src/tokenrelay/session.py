@@ -101,8 +101,9 @@ class StreamSession:
                         self.first_token_at = time.perf_counter()
                     self._append(batch)
                     self._wake()
-                    if isinstance(batch[-1], TERMINAL):
-                        break
+                    # no break after the last batch: the source returns by itself next, so every
+                    # generator under it finishes in place (an abandoned async generator is closed later
+                    # by a task the event loop creates for it, tens of microseconds per stream)
                     if len(events) - self.max_buffered > 0 and self.readers:
                         await self._backpressure()
                 else:
