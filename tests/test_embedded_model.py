@@ -73,3 +73,21 @@ def test_requests_queue_while_the_engine_is_busy(gateway: Server) -> None:
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(ask, range(4)))
     assert all(a.strip() for a in answers)
+
+
+def test_an_assistant_prefix_is_continued_not_restarted(gateway: Server) -> None:
+    """What mid-stream failover sends the embedded model: the text so far as an open assistant turn."""
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0, timeout=60)
+    question: list[Any] = [{"role": "user", "content": "Write two sentences about the sea."}]
+
+    def answer(messages: list[Any]) -> str:
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0)
+        return reply.choices[0].message.content or ""
+
+    full = answer(question)
+    words = full.split(" ")
+    assert len(words) > 6
+    prefix = " ".join(words[: len(words) // 2])
+    rest = answer([*question, {"role": "assistant", "content": prefix}])
+    assert not rest.lstrip().startswith(words[0])  # not a new answer from the start
+    assert rest.split()[0] == words[len(words) // 2]  # greedy decoding picks up with the same next word

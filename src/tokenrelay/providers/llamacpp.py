@@ -189,6 +189,32 @@ class LlamaCppProvider(Provider):
             if not job.done():
                 job.add_done_callback(_swallow)
 
+    def _prefill_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]] | None:
+        """For a conversation that ends with an assistant message (a prefix to continue, as mid-stream
+        failover sends): the prompt tokens with that turn left open, and the stop strings. ``None`` for any
+        other conversation, or when a ``chat_format`` overrides the GGUF's own template."""
+        last = messages[-1] if messages else None
+        if last is None or last["role"] != "assistant" or not last["content"] or self.options["chat_format"]:
+            return None
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm = self._llm
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        model = llm._model
+        eos, bos = llm.token_eos(), llm.token_bos()
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
+        )
+        rendered = formatter(messages=messages[:-1])  # ends with the assistant turn's opening
+        prompt = rendered.prompt + last["content"]
+        tokens = llm.tokenize(prompt.encode(), add_bos=not rendered.added_special, special=True)
+        stop = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
+        return tokens, stop
+
     def _generate(
         self,
         req: ChatRequest,
@@ -206,19 +232,23 @@ class LlamaCppProvider(Provider):
         llm = self._llm
         produced = 0
         finish = "stop"
+        sampling: dict[str, Any] = {
+            "stream": True,
+            "max_tokens": req.max_tokens or opts["max_tokens"],
+            "temperature": req.temperature if req.temperature is not None else opts["temperature"],
+            "top_p": req.top_p if req.top_p is not None else opts["top_p"],
+            "repeat_penalty": opts["repeat_penalty"],
+            "presence_penalty": req.presence_penalty or 0.0,
+            "frequency_penalty": req.frequency_penalty or 0.0,
+            "seed": req.seed,
+        }
         try:
-            chunks = llm.create_chat_completion(
-                messages=messages,
-                stream=True,
-                max_tokens=req.max_tokens or opts["max_tokens"],
-                temperature=req.temperature if req.temperature is not None else opts["temperature"],
-                top_p=req.top_p if req.top_p is not None else opts["top_p"],
-                repeat_penalty=opts["repeat_penalty"],
-                presence_penalty=req.presence_penalty or 0.0,
-                frequency_penalty=req.frequency_penalty or 0.0,
-                stop=req.stop or [],
-                seed=req.seed,
-            )
+            prefill = self._prefill_prompt(messages)
+            if prefill is None:
+                chunks = llm.create_chat_completion(messages=messages, stop=req.stop or [], **sampling)
+            else:
+                tokens, stop = prefill
+                chunks = llm.create_completion(prompt=tokens, stop=[*stop, *(req.stop or [])], **sampling)
             for chunk in chunks:
                 if cancel.is_set():
                     chunks.close()
@@ -226,7 +256,7 @@ class LlamaCppProvider(Provider):
                     self.last_cancel_tokens = produced
                     return
                 choice = chunk["choices"][0]
-                text = choice["delta"].get("content")
+                text = choice["delta"].get("content") if prefill is None else choice.get("text")
                 if text:
                     produced += 1
                     emit(text)
