@@ -209,7 +209,7 @@ class LlamaCppProvider(Provider):
             eos_token=model.token_get_text(eos) if eos != -1 else "",
             bos_token=model.token_get_text(bos) if bos != -1 else "",
         )
-        rendered = formatter(messages=messages[:-1])  # ends with the assistant turn's opening
+        rendered = formatter(messages=messages[:-1])  # type: ignore[arg-type]  # ends with the open assistant turn
         prompt = rendered.prompt + last["content"]
         tokens = llm.tokenize(prompt.encode(), add_bos=not rendered.added_special, special=True)
         stop = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop] if rendered.stop else []
