@@ -14,6 +14,7 @@ from typing import Any
 from tokenrelay.breaker import CircuitBreaker
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import Event
+from tokenrelay.failover import failover_stream
 from tokenrelay.providers.base import Provider
 from tokenrelay.request import ChatRequest
 
@@ -63,8 +64,6 @@ class Router:
         """The request's event batches with retries and failover; ``sent`` is the stream's log (what the
         client has been sent), read when the stream must continue elsewhere. Raises ``GatewayError`` now for
         an unknown model."""
-        from tokenrelay.failover import failover_stream
-
         chain = self.chain(req.model)
         return failover_stream(chain, req, sent, route or Route(chain[0].name))
 
