@@ -99,12 +99,14 @@ class Server:
 
 
 def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A tokenrelay process; its key database is a SQLite file next to its log unless ``env`` names one."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    database = f"sqlite+aiosqlite:///{log.parent / (log.stem + '.db')}"
     return subprocess.Popen(
         [sys.executable, "-m", "tokenrelay", *args],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "TOKENRELAY_DATABASE_URL": database, **(env or {})},
         cwd=ROOT,
     )
 
@@ -315,6 +317,23 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The real PostgreSQL: $TOKENRELAY_TEST_POSTGRES, else 127.0.0.1:5432 (database test, trust auth),
+    started with pg_ctlcluster when it is installed but stopped. Never skipped: a missing server fails."""
+    if os.environ.get("TOKENRELAY_TEST_POSTGRES"):
+        return os.environ["TOKENRELAY_TEST_POSTGRES"]
+    if not port_open(5432) and Path("/etc/postgresql").is_dir():
+        for version in os.listdir("/etc/postgresql"):
+            subprocess.run(
+                ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=False
+            )
+        wait_for(lambda: port_open(5432), timeout=30)
+    if not port_open(5432):
+        pytest.fail("PostgreSQL is not running on 127.0.0.1:5432 and could not be started")
+    return "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(scope="session")

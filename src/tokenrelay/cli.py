@@ -18,6 +18,125 @@ from tokenrelay.config import ConfigError, check_tls, dump_config, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenrelay: a streaming AI gateway.")
 err = Console(stderr=True)
 DEFAULT_URL = "http://127.0.0.1:8080"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+keys_app = typer.Typer(
+    no_args_is_help=True, help="API keys: create, list, revoke (in the configured database)."
+)
+app.add_typer(keys_app, name="keys")
+
+
+async def _count_keys(database_url: str | None) -> int:
+    from tokenrelay.store import Store
+
+    store = Store(database_url)
+    try:
+        await store.start()
+        return len(await store.keys(include_revoked=False))
+    finally:
+        await store.close()
+
+
+def _config_or_exit(path: str | None) -> Any:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+ConfigOption = Annotated[str | None, typer.Option("--config", "-c", help="YAML config file")]
+
+
+@keys_app.command("create")
+def keys_create(
+    plan: Annotated[str, typer.Option(help="a plan from the config (default plans: free, pro, premium)")],
+    models: Annotated[str | None, typer.Option(help="comma-separated models (default: the plan's)")] = None,
+    budget: Annotated[float | None, typer.Option(help="spending cap in the pricing's currency")] = None,
+    name: Annotated[str | None, typer.Option(help="a label")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create a key; its secret is printed once and never stored."""
+    from tokenrelay.store import Store
+
+    cfg = _config_or_exit(config)
+    if plan not in cfg.plans:
+        err.print(f"[red]unknown plan {plan!r}[/red]; plans: {', '.join(cfg.plans)}")
+        raise typer.Exit(2)
+    model_list = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    unknown = [m for m in model_list or [] if cfg.model(m) is None]
+    if unknown:
+        err.print(f"[red]unknown models:[/red] {', '.join(unknown)}")
+        raise typer.Exit(2)
+
+    async def run() -> tuple[Any, str]:
+        store = Store(cfg.server.database_url)
+        try:
+            await store.start()
+            return await store.create_key(plan, model_list, budget, name)
+        finally:
+            await store.close()
+
+    key, secret = asyncio.run(run())
+    err.print(f"created {key.id} (plan {plan}); the key is shown once:")
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per key")] = False,
+) -> None:
+    """Every key, revoked ones included (never the secrets)."""
+    from tokenrelay.store import Store
+
+    cfg = _config_or_exit(config)
+
+    async def run() -> list[Any]:
+        store = Store(cfg.server.database_url)
+        try:
+            await store.start()
+            return await store.keys()
+        finally:
+            await store.close()
+
+    keys = asyncio.run(run())
+    if as_json:
+        for key in keys:
+            print(json.dumps(key.public()))
+        return
+    table = Table("id", "prefix", "name", "plan", "models", "budget", "revoked")
+    for key in keys:
+        table.add_row(
+            key.id,
+            key.prefix + "…",
+            key.name or "",
+            key.plan,
+            ",".join(key.models) if key.models else "(plan)",
+            "" if key.budget is None else f"{key.budget:g}",
+            "yes" if key.revoked_at else "",
+        )
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: ConfigOption = None) -> None:
+    """Revoke a key by id (replicas stop accepting it within seconds)."""
+    from tokenrelay.store import Store
+
+    cfg = _config_or_exit(config)
+
+    async def run() -> bool:
+        store = Store(cfg.server.database_url)
+        try:
+            await store.start()
+            return await store.revoke(key_id)
+        finally:
+            await store.close()
+
+    if not asyncio.run(run()):
+        err.print(f"[red]no active key {key_id}[/red]")
+        raise typer.Exit(1)
+    err.print(f"revoked {key_id}")
 
 
 @app.command()
@@ -29,6 +148,9 @@ def serve(
     grpc_port: Annotated[int | None, typer.Option("--grpc-port", help="also serve the gRPC API here")] = None,
     ssl_certfile: Annotated[str | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM)")] = None,
     ssl_keyfile: Annotated[str | None, typer.Option("--ssl-keyfile", help="TLS private key (PEM)")] = None,
+    allow_open: Annotated[
+        bool, typer.Option("--allow-open", help="serve with no API keys on a non-loopback address")
+    ] = False,
 ) -> None:
     """Serve the gateway (with no config: the embedded model as 'tiny')."""
     from granian import Granian
@@ -57,6 +179,21 @@ def serve(
     except ConfigError as exc:
         err.print(f"[red]config error:[/red] {exc}")
         raise typer.Exit(2) from None
+    if allow_open:
+        server.allow_open = True
+    try:
+        active = asyncio.run(_count_keys(server.database_url))
+    except Exception as exc:
+        err.print(f"[red]database error:[/red] {server.database_url or 'tokenrelay.db'}: {exc}")
+        raise typer.Exit(2) from None
+    if not active:
+        if server.host not in LOOPBACK and not server.allow_open:
+            err.print(
+                f"[red]refusing to serve {server.host} with no API keys:[/red] anyone who can reach it could "
+                "use every model. Create a key (tokenrelay keys create --plan pro), or pass --allow-open."
+            )
+            raise typer.Exit(2)
+        err.print("[yellow]no API keys: serving open (every request is admitted)[/yellow]")
     os.environ["TOKENRELAY_CONFIG_JSON"] = dump_config(cfg)
     names = ", ".join(f"{m.name} ({m.provider})" for m in cfg.models)
     scheme = "https" if server.ssl_certfile else "http"

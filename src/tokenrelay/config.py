@@ -63,6 +63,25 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
 
 
+class PlanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What a key's plan allows; an unset limit is no limit."""
+
+    requests_per_minute: int | None = None
+    requests_per_day: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_streams: int | None = None
+    models: list[str] | None = None  # unset: every model
+    priority: int = 0  # higher goes first when a model's queue is full (issue 5, priority admission)
+    description: str | None = None
+
+
+DEFAULT_PLANS: dict[str, dict[str, Any]] = {
+    "free": {"requests_per_day": 60, "concurrent_streams": 2},
+    "pro": {"requests_per_day": 1000, "concurrent_streams": 10},
+    "premium": {"requests_per_day": 5000, "concurrent_streams": 50, "priority": 2},
+}
+
+
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
@@ -80,6 +99,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backlog: int = 4096
     cors_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
     log_level: str = "info"
+    # API keys, usage and audit: SQLite file by default, or postgresql+asyncpg://...
+    database_url: str | None = None
+    admin_key_env: str = "TOKENRELAY_ADMIN_KEY"  # the admin API's credential comes from this variable
+    allow_open: bool = False  # serve with no API keys on an address other than loopback
     # shared state for several replicas (docs/deployment.md): stream logs go to Redis Streams
     redis_url: str | None = None
     redis_prefix: str = "tokenrelay"
@@ -94,6 +117,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     models: list[ModelConfig] = msgspec.field(default_factory=list)
+    plans: dict[str, PlanConfig] = msgspec.field(default_factory=dict)
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:
@@ -123,6 +147,8 @@ _ENV_SERVER = (
     "backlog",
     "log_level",
     "redis_url",
+    "database_url",
+    "allow_open",
     "redis_prefix",
     "max_log_entries",
     "replica_lease_seconds",
@@ -197,6 +223,8 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
     data["server"] = server
     if not data.get("models"):
         data["models"] = [dict(m) for m in DEFAULT_MODELS]
+    if not data.get("plans"):
+        data["plans"] = {name: dict(plan) for name, plan in DEFAULT_PLANS.items()}
     if env.get("TOKENRELAY_MODEL_PATH"):
         for m in data["models"]:
             if isinstance(m, dict) and m.get("provider") == "llamacpp" and not m.get("model_path"):

@@ -49,6 +49,7 @@ class GatewayError(Exception):
         self.param = param
         self.code = code
         self.retry_after = retry_after
+        self.headers: list[tuple[bytes, bytes]] = []  # extra response headers (x-ratelimit-* ...)
 
     def to_event(self) -> Error:
         return Error(

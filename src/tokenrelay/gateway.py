@@ -12,14 +12,17 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from tokenrelay.admission import Admission, Principal
 from tokenrelay.config import Config
-from tokenrelay.events import Event
+from tokenrelay.events import Event, Usage
 from tokenrelay.providers import build_provider
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.http_base import HttpStreamProvider
 from tokenrelay.request import ChatRequest, new_stream_id
 from tokenrelay.router import Route, Router
 from tokenrelay.session import StreamSession
+from tokenrelay.store import Store
+from tokenrelay.transport.credentials import digest
 from tokenrelay.upstream_http import HttpPool
 
 if TYPE_CHECKING:
@@ -41,6 +44,8 @@ class Gateway:
         self.evicted = 0  # readers dropped for reading too slowly
         self.pool: HttpPool | None = None
         self.log: RedisStreamLog | None = None
+        self.store = Store(config.server.database_url)
+        self.admission = Admission(config, self.store)
         if config.server.redis_url:
             from tokenrelay.streamlog import RedisStreamLog  # redis loads only when used
 
@@ -49,7 +54,11 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return "redis" not in self.startup_errors and all(p.ready for p in self.providers.values())
+        return (
+            "redis" not in self.startup_errors
+            and self.admission.loaded
+            and all(p.ready for p in self.providers.values())
+        )
 
     def start(self) -> None:
         """Start every provider in the background; ``ready`` turns true when all are loaded and warm."""
@@ -61,6 +70,12 @@ class Gateway:
             await asyncio.shield(self._start_task)
 
     async def _start(self) -> None:
+        try:
+            await self.store.start()
+            await self.admission.start()
+        except Exception as exc:
+            self.startup_errors["database"] = f"{type(exc).__name__}: {exc}"
+            log.error("the database at %s is not usable: %s", self.store.url, exc)
         if self.log is not None:
             try:
                 await self.log.start()
@@ -96,6 +111,8 @@ class Gateway:
             self.pool.close()
         if self.log is not None:
             await self.log.close()
+        await self.admission.close()
+        await self.store.close()
 
     def open(
         self,
@@ -103,6 +120,7 @@ class Gateway:
         id_prefix: str = "chatcmpl-",
         protocol: str = "openai",
         owner: str | None = None,
+        principal: Principal | None = None,
     ) -> StreamSession:
         """Route the request and start its stream; raises ``GatewayError`` for an unknown model."""
         events: list[Event] = []
@@ -120,10 +138,27 @@ class Gateway:
             max_buffered=server.max_buffered_events,
             stall_limit=server.client_stall_seconds,
         )
+        session.principal = principal
         if self.log is not None:
             self.log.opened(session)
         self._track(session)
         return session
+
+    async def start_stream(
+        self,
+        req: ChatRequest,
+        credential: bytes | None,
+        id_prefix: str = "chatcmpl-",
+        protocol: str = "openai",
+    ) -> StreamSession:
+        """Admission, then ``open()``: what every transport calls with a decoded request and the raw
+        credential header (``Authorization`` or ``x-api-key``) it came with."""
+        principal = await self.admission.admit(credential, req)
+        try:
+            return self.open(req, id_prefix, protocol, digest(credential) if credential else None, principal)
+        except BaseException:
+            self.admission.release(principal, 0)
+            raise
 
     def _track(self, session: StreamSession) -> None:
         self.streams[session.id] = session
@@ -131,6 +166,9 @@ class Gateway:
 
     def _retire(self, session: StreamSession) -> None:
         self.streams.pop(session.id, None)
+        if session.principal is not None:
+            usage = next((ev for ev in reversed(session.events) if isinstance(ev, Usage)), None)
+            self.admission.release(session.principal, usage.total_tokens if usage else 0)
         server = self.config.server
         if server.stream_ttl_seconds <= 0 or server.max_finished_streams <= 0:
             return

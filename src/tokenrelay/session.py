@@ -20,11 +20,15 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import TERMINAL, Error, Event
 from tokenrelay.request import ChatRequest
 from tokenrelay.router import Route
+
+if TYPE_CHECKING:
+    from tokenrelay.admission import Principal
 
 # where a session's batches go besides its own log (a shared store): (session, index of first, batch)
 Sink = Callable[["StreamSession", int, list[Event]], None]
@@ -62,6 +66,7 @@ class StreamSession:
         self.first_token_at: float | None = None
         self.events: list[Event] = [] if events is None else events
         self.sink = sink
+        self.principal: Principal | None = None  # the admitted caller, released when the stream ends
         self.accepted = False
         self.done = False
         self.pre_error: GatewayError | None = None

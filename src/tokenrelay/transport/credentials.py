@@ -21,6 +21,11 @@ def digest(credential: bytes) -> str:
     return hashlib.sha256(credential).hexdigest()[:32]
 
 
+def credential(scope: dict[str, Any]) -> bytes | None:
+    """The raw ``Authorization`` (or else ``x-api-key``) header value."""
+    return header(scope, b"authorization") or header(scope, b"x-api-key")
+
+
 def credential_digest(scope: dict[str, Any]) -> str | None:
-    value = header(scope, b"authorization") or header(scope, b"x-api-key")
+    value = credential(scope)
     return digest(value) if value else None

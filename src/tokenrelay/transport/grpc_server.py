@@ -30,7 +30,6 @@ from tokenrelay.protocol import openai_chat
 from tokenrelay.protocol.base import Collected
 from tokenrelay.request import ChatRequest
 from tokenrelay.session import StreamSession
-from tokenrelay.transport.credentials import digest
 
 log = logging.getLogger("tokenrelay.grpc")
 
@@ -152,17 +151,17 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    def _open(self, msg: pb.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]) -> StreamSession:
+    async def _open(self, msg: pb.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]) -> StreamSession:
         metadata = dict(context.invocation_metadata() or ())
         credential = metadata.get("authorization") or metadata.get("x-api-key")
-        owner = digest(str(credential).encode()) if credential else None
-        return self.gateway.open(to_request(msg), owner=owner)
+        raw = credential.encode() if isinstance(credential, str) else credential
+        return await self.gateway.start_stream(to_request(msg), raw)
 
     async def StreamChat(  # the RPCs' names
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.Event]:
         try:
-            session = self._open(request, context)
+            session = await self._open(request, context)
             await session.wait_started(3600)
             if session.pre_error is not None:
                 raise session.pre_error
@@ -182,7 +181,7 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Completion:
         try:
-            session = self._open(request, context)
+            session = await self._open(request, context)
             follower = session.follow()
             try:
                 while await follower.next_batch() is not None:
@@ -245,7 +244,7 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
                         raise invalid("Each request on Chat needs a request_id.", param="request_id")
                     if rid in sessions:
                         raise invalid(f"request_id {rid!r} is already in flight.", param="request_id")
-                    session = self._open(req, context)
+                    session = await self._open(req, context)
                 except GatewayError as err:
                     await out.put(to_message(rid, "", err.to_event()))
                     continue

@@ -11,7 +11,9 @@ stream at once unless the request asked for ``on_disconnect: continue``.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
+from tokenrelay.admission import bearer
 from tokenrelay.errors import GatewayError, invalid
 from tokenrelay.events import Error, Event
 from tokenrelay.gateway import Gateway
@@ -28,9 +31,10 @@ from tokenrelay.protocol.base import SSE_MEDIA, StreamEncoder, StreamInfo, WireP
 from tokenrelay.protocol.ollama import OllamaChat, OllamaGenerate
 from tokenrelay.protocol.openai_chat import OpenAIChat
 from tokenrelay.protocol.openai_responses import OpenAIResponses
+from tokenrelay.protocol.validation import decode_body
 from tokenrelay.providers.mock import MockProvider
 from tokenrelay.session import StreamSession
-from tokenrelay.transport.credentials import credential_digest, header
+from tokenrelay.transport.credentials import credential, credential_digest, header
 from tokenrelay.transport.websocket import serve_websocket
 
 if TYPE_CHECKING:
@@ -56,6 +60,19 @@ STREAM_HEADERS = [
 STARTED = "tokenrelay.started"
 PROTOCOL = "tokenrelay.protocol"
 COMMON_HEADERS = "tokenrelay.headers"
+
+
+class NewKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``POST /admin/keys``."""
+
+    plan: str
+    models: list[str] | None = None
+    budget: float | None = None
+    name: str | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+new_key_decoder = msgspec.json.Decoder(NewKey)
 
 
 class ClientGone(Exception):
@@ -143,8 +160,8 @@ async def send_json(
 
 def error_headers(err: GatewayError) -> list[tuple[bytes, bytes]]:
     if err.retry_after is not None:
-        return [(b"retry-after", str(max(0, round(err.retry_after))).encode())]
-    return []
+        return [(b"retry-after", str(max(0, round(err.retry_after))).encode()), *err.headers]
+    return err.headers
 
 
 async def watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:
@@ -190,6 +207,8 @@ class HttpApp:
             ("GET", "/readyz"): self.readyz,
             ("GET", "/mock/stats"): self.mock_stats,
             ("GET", "/stats"): self.stats,
+            ("GET", "/admin/keys"): self.admin_keys,
+            ("POST", "/admin/keys"): self.admin_create_key,
         }
         self.paths = {path for _, path in self.routes}
         self.cors_any = "*" in self.server.cors_origins
@@ -262,6 +281,8 @@ class HttpApp:
                 handler = self.model
             elif path.startswith("/v1/streams/"):
                 handler = self.resume
+        elif handler is None and scope["method"] == "DELETE" and path.startswith("/admin/keys/"):
+            handler = self.admin_revoke_key
         scope[COMMON_HEADERS] = self.common_headers
         if self.cors_origins and not self.cors_any:
             origin = header(scope, b"origin")
@@ -370,6 +391,48 @@ class HttpApp:
             },
         )
 
+    # ------------------------------------------------------------------------------ admin API
+
+    def _admin(self, scope: Scope) -> None:
+        """The admin API answers only to the credential in ``$TOKENRELAY_ADMIN_KEY`` (or the variable
+        ``server.admin_key_env`` names); with it unset the API is off."""
+        expected = os.environ.get(self.server.admin_key_env)
+        if not expected:
+            raise GatewayError(
+                403,
+                f"The admin API is off: set {self.server.admin_key_env} to enable it.",
+                type="permission_error",
+            )
+        given = bearer(credential(scope)) or b""
+        if not hmac.compare_digest(given, expected.encode()):
+            raise GatewayError(401, "The admin credential is missing or wrong.", type="authentication_error")
+
+    async def admin_keys(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._admin(scope)
+        keys = await self.gateway.store.keys()
+        await send_json(scope, send, 200, {"object": "list", "data": [k.public() for k in keys]})
+
+    async def admin_create_key(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._admin(scope)
+        _, body = decode_body(new_key_decoder, await read_body(scope, receive, self.server.max_body_bytes))
+        gw = self.gateway
+        if body.plan not in gw.config.plans:
+            raise invalid(f"Unknown plan '{body.plan}'. Plans: {', '.join(gw.config.plans)}.", param="plan")
+        for i, model in enumerate(body.models or []):
+            if model not in gw.providers:
+                raise invalid(f"Unknown model '{model}'.", param=f"models[{i}]")
+        key, secret = await gw.store.create_key(body.plan, body.models, body.budget, body.name, body.metadata)
+        await gw.admission.refresh()
+        await send_json(scope, send, 201, {**key.public(), "key": secret})
+
+    async def admin_revoke_key(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._admin(scope)
+        key_id = scope["path"][len("/admin/keys/") :]
+        if not await self.gateway.store.revoke(key_id):
+            raise GatewayError(404, f"No active key '{key_id}'.", param="id", code="key_not_found")
+        await self.gateway.admission.refresh()
+        await send_json(scope, send, 200, {"id": key_id, "revoked": True})
+
     # ------------------------------------------------------------------------------ model streams
 
     def endpoint(self, protocol: WireProtocol) -> Handler:
@@ -387,7 +450,9 @@ class HttpApp:
                         param="x-tokenrelay-on-disconnect",
                     )
                 req.on_disconnect = policy.decode()
-            session = self.gateway.open(req, protocol.id_prefix, protocol.name, credential_digest(scope))
+            session = await self.gateway.start_stream(
+                req, credential(scope), protocol.id_prefix, protocol.name
+            )
             status = 200
             try:
                 if req.stream:

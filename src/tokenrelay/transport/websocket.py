@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qs
 
 import msgspec
 
@@ -29,7 +30,7 @@ from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, T
 from tokenrelay.gateway import Gateway
 from tokenrelay.protocol import openai_chat
 from tokenrelay.session import StreamSession
-from tokenrelay.transport.credentials import credential_digest
+from tokenrelay.transport.credentials import credential
 
 log = logging.getLogger("tokenrelay.websocket")
 
@@ -106,9 +107,9 @@ def encode_batch(request_id: str | int, batch: list[Event]) -> list[bytes]:
 class WebSocketChat:
     """One connected socket."""
 
-    def __init__(self, gateway: Gateway, send: Send, owner: str | None = None) -> None:
+    def __init__(self, gateway: Gateway, send: Send, credential: bytes | None = None) -> None:
         self.gateway = gateway
-        self.owner = owner
+        self.credential = credential
         self._send = send
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(SEND_QUEUE)
         self.streams: dict[str | int, tuple[StreamSession, asyncio.Task[None]]] = {}
@@ -180,7 +181,7 @@ class WebSocketChat:
                 raise invalid("A request needs a 'body'.", param="body")
             req = openai_chat.decode_request(bytes(msg.body))
             req.stream = True
-            session = self.gateway.open(req, owner=self.owner)
+            session = await self.gateway.start_stream(req, self.credential)
         except GatewayError as err:
             await self.put(error_message(rid, err))
             return
@@ -197,8 +198,16 @@ async def serve_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
     first = await receive()
     if first["type"] != "websocket.connect":
         return
+    # browsers cannot set headers on a WebSocket: a key may come as ?api_key= instead
+    key = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api_key")
+    raw = credential(scope) or (key[-1].encode() if key else None)
+    try:
+        gateway.admission.authenticate(raw)
+    except GatewayError as err:
+        await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
+        return
     await send({"type": "websocket.accept"})
-    conn = WebSocketChat(gateway, send, credential_digest(scope))
+    conn = WebSocketChat(gateway, send, raw)
     writer = asyncio.get_running_loop().create_task(conn.writer())
     try:
         while True:

@@ -1,0 +1,329 @@
+"""API keys, the admin API, plans and their limits, through real processes and the official SDKs.
+
+One gateway for the module, with its own SQLite key database: it starts open (no keys), and the first key
+made through the admin API closes it. Tests run in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+import yaml
+from tests.conftest import ROOT, Server, free_port, raw_post, start, stop, wait_for, wait_http
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+ADMIN = "admin-secret-for-tests"
+MESSAGES: list[Any] = [{"role": "user", "content": "who may call what"}]
+PLANS = {
+    "tight": {"requests_per_minute": 3},
+    "single": {"concurrent_streams": 1},
+    "tokens": {"tokens_per_minute": 60},
+    "demo-only": {"models": ["demo"]},
+    "pro": {"requests_per_day": 1000},
+}
+
+
+def keyed_config() -> dict[str, Any]:
+    return {
+        "server": {"keepalive_seconds": 0.5},
+        "plans": PLANS,
+        "models": [
+            {"name": "demo", "provider": "mock", "options": {"tokens": 12}},
+            {"name": "other", "provider": "mock", "options": {"tokens": 3}},
+            {"name": "slow", "provider": "mock", "options": {"tokens": 20, "tokens_per_second": 20}},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    tmp = tmp_path_factory.mktemp("keys")
+    cfg = tmp / "tokenrelay.yaml"
+    cfg.write_text(yaml.safe_dump(keyed_config()))
+    port = free_port()
+    log = tmp / "gateway.log"
+    proc = start(["serve", "--config", str(cfg), "--port", str(port)], log, {"TOKENRELAY_ADMIN_KEY": ADMIN})
+    try:
+        wait_http("127.0.0.1", port, "/readyz", proc, 60)
+        yield Server(port, proc, log), cfg
+    finally:
+        stop(proc)
+
+
+def admin(server: Server, method: str, path: str, body: Any = None, key: str = ADMIN) -> tuple[int, Any]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request(
+        method,
+        path,
+        body=json.dumps(body) if body is not None else None,
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    conn.close()
+    return resp.status, data
+
+
+def new_key(server: Server, plan: str, **extra: Any) -> str:
+    status, body = admin(server, "POST", "/admin/keys", {"plan": plan, **extra})
+    assert status == 201, body
+    return str(body["key"])
+
+
+def chat(server: Server, key: str | None, model: str = "demo") -> openai.OpenAI:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key or "none", max_retries=0)
+    client.chat.completions.create(model=model, messages=MESSAGES)
+    return client
+
+
+def test_open_until_the_first_key_then_closed(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    assert (
+        raw_post(server.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES}).status == 200
+    )
+    key = new_key(server, "pro", name="first")
+    assert key.startswith("tr-")
+    missing = raw_post(server.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES})
+    assert missing.status == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        chat(server, "tr-not-a-key")
+    chat(server, key)  # the openai SDK sends it as a Bearer token
+    client = anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0)
+    client.messages.create(model="demo", max_tokens=50, messages=MESSAGES)
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=server.url, api_key="tr-wrong", max_retries=0).messages.create(
+            model="demo", max_tokens=50, messages=MESSAGES
+        )
+
+
+def test_admin_api_needs_its_credential_and_never_shows_secrets(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    assert admin(server, "GET", "/admin/keys", key="guess")[0] == 401
+    key = new_key(server, "pro", name="listed", metadata={"team": "search"})
+    status, listing = admin(server, "GET", "/admin/keys")
+    assert status == 200
+    mine = next(k for k in listing["data"] if k["name"] == "listed")
+    assert mine["metadata"] == {"team": "search"} and mine["prefix"] == key[:8]
+    assert key not in json.dumps(listing) and "digest" not in mine
+    status, err = admin(server, "POST", "/admin/keys", {"plan": "gold"})
+    assert status == 400 and err["error"]["param"] == "plan"
+    status, err = admin(server, "POST", "/admin/keys", {"plan": "pro", "models": ["demo", "nope"]})
+    assert status == 400 and err["error"]["param"] == "models[1]"
+
+
+def test_keys_are_stored_hashed(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    key = new_key(server, "pro")
+    database = server.log.parent / (server.log.stem + ".db")
+    raw = b"".join(p.read_bytes() for p in database.parent.glob(database.name + "*"))
+    assert key.encode() not in raw and key[8:].encode() not in raw
+
+
+def test_requests_per_minute_gives_429_with_headers_in_each_protocol(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    key = new_key(server, "tight")
+    auth = {"authorization": f"Bearer {key}"}
+    for _ in range(3):
+        assert (
+            raw_post(
+                server.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES}, auth
+            ).status
+            == 200
+        )
+    refused = raw_post(server.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES}, auth)
+    assert refused.status == 429
+    err = refused.json()["error"]
+    assert err["type"] == "rate_limit_error" and "3 requests per minute" in err["message"]
+    h = refused.headers
+    assert int(h["retry-after"]) >= 1
+    assert h["x-ratelimit-limit-requests"] == "3" and h["x-ratelimit-remaining-requests"] == "0"
+    assert h["x-ratelimit-reset-requests"].endswith("s")
+    anth = raw_post(
+        server.port,
+        "/v1/messages",
+        {"model": "demo", "max_tokens": 5, "messages": MESSAGES},
+        {"x-api-key": key},
+    )
+    assert anth.status == 429 and anth.json()["error"]["type"] == "rate_limit_error"
+    assert anth.json()["type"] == "error"
+
+
+def test_models_outside_the_key_or_plan_are_403(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    by_plan = new_key(server, "demo-only")
+    by_key = new_key(server, "pro", models=["other"])
+    chat(server, by_plan, "demo")
+    chat(server, by_key, "other")
+    for key, model in ((by_plan, "other"), (by_key, "demo")):
+        with pytest.raises(openai.PermissionDeniedError) as info:
+            chat(server, key, model)
+        assert info.value.body["param"] == "model"  # type: ignore[index]
+
+
+def test_concurrent_streams_are_capped(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    key = new_key(server, "single")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+    stream = client.chat.completions.create(model="slow", messages=MESSAGES, stream=True)
+    next(iter(stream))
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(server, key)
+    assert info.value.body["code"] == "concurrent_streams"  # type: ignore[index]
+    for _ in stream:
+        pass
+    wait_for(
+        lambda: (
+            raw_post(
+                server.port,
+                "/v1/chat/completions",
+                {"model": "demo", "messages": MESSAGES},
+                {"authorization": f"Bearer {key}"},
+            ).status
+            == 200
+        )
+    )
+
+
+def test_tokens_per_minute_counts_what_streams_used(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    key = new_key(server, "tokens")  # 60 tokens a minute; each demo answer is 12 + the prompt's
+    auth = {"authorization": f"Bearer {key}"}
+    statuses = []
+    for _ in range(8):
+        statuses.append(
+            raw_post(
+                server.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES}, auth
+            ).status
+        )
+        time.sleep(0.1)  # the tokens are counted as each stream ends
+    assert statuses[:2] == [200, 200] and statuses[-1] == 429
+    refused = raw_post(server.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES}, auth)
+    assert refused.json()["error"]["code"] == "tokens_limit"
+    assert refused.headers["x-ratelimit-limit-tokens"] == "60"
+
+
+def test_revoked_keys_stop_working(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    _, body = admin(server, "POST", "/admin/keys", {"plan": "pro"})
+    chat(server, body["key"])
+    assert admin(server, "DELETE", f"/admin/keys/{body['id']}")[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        chat(server, body["key"])
+    assert admin(server, "DELETE", f"/admin/keys/{body['id']}")[0] == 404
+
+
+def test_cli_keys_reach_the_running_gateway(keyed: tuple[Server, Path]) -> None:
+    server, cfg = keyed
+    env = {**os.environ, "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{server.log.parent / 'gateway.db'}"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tokenrelay", "keys", *args, "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=60,
+        )
+
+    made = cli("create", "--plan", "pro", "--models", "demo", "--name", "from-cli")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    wait_for(
+        lambda: (
+            raw_post(
+                server.port,
+                "/v1/chat/completions",
+                {"model": "demo", "messages": MESSAGES},
+                {"authorization": f"Bearer {key}"},
+            ).status
+            == 200
+        ),
+        timeout=10,
+    )  # the gateway re-reads keys every few seconds
+    listed = cli("list")
+    assert "from-cli" in listed.stdout and key not in listed.stdout
+    rows = [json.loads(line) for line in cli("list", "--json").stdout.splitlines()]
+    key_id = next(row["id"] for row in rows if row["name"] == "from-cli")
+    assert cli("revoke", key_id).returncode == 0
+    assert cli("create", "--plan", "gold").returncode == 2
+
+
+def test_websocket_needs_a_key_at_the_handshake(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    with pytest.raises(InvalidStatus):  # closed before accept: the handshake is refused
+        connect(f"ws://127.0.0.1:{server.port}/v1/ws/chat", open_timeout=5)
+    key = new_key(server, "pro")
+    with connect(f"ws://127.0.0.1:{server.port}/v1/ws/chat?api_key={key}", open_timeout=5) as ws:
+        ws.send(json.dumps({"type": "request", "id": 1, "body": {"model": "demo", "messages": MESSAGES}}))
+        kinds = []
+        while "done" not in kinds:
+            kinds.append(json.loads(ws.recv(timeout=5))["type"])
+        assert "token" in kinds
+
+
+def test_serving_a_public_address_with_no_keys_is_refused(tmp_path: Path) -> None:
+    env = {**os.environ, "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"}
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenrelay", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "no API keys" in out.stderr
+
+
+def test_limits_hold_across_replicas_sharing_redis(tmp_path: Path, redis_url: str) -> None:
+    """Two replicas, one key database and one Redis: a plan's 3 requests a minute are 3 in all."""
+    cfg = tmp_path / "tokenrelay.yaml"
+    config = keyed_config()
+    config["server"]["redis_url"] = redis_url
+    config["server"]["redis_prefix"] = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    cfg.write_text(yaml.safe_dump(config))
+    env = {
+        "TOKENRELAY_ADMIN_KEY": ADMIN,
+        "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}",
+    }
+    servers = []
+    try:
+        for name in ("a", "b"):
+            port = free_port()
+            proc = start(["serve", "--config", str(cfg), "--port", str(port)], tmp_path / f"{name}.log", env)
+            wait_http("127.0.0.1", port, "/readyz", proc, 60)
+            servers.append(Server(port, proc, tmp_path / f"{name}.log"))
+        a, b = servers
+        key = new_key(a, "tight")
+        auth = {"authorization": f"Bearer {key}"}
+
+        def post(server: Server) -> int:
+            return raw_post(
+                server.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES}, auth
+            ).status
+
+        # B started with no keys, so it ran open; it closes when it next reads the database
+        wait_for(
+            lambda: (
+                raw_post(b.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES}).status
+                == 401
+            )
+        )
+        assert [post(b), post(a), post(a)] == [200, 200, 200]
+        assert post(b) == 429 and post(a) == 429
+    finally:
+        for server in servers:
+            stop(server.proc)
