@@ -31,6 +31,10 @@ PLANS = {
     "tokens": {"tokens_per_minute": 60},
     "demo-only": {"models": ["demo"]},
     "pro": {"requests_per_day": 1000},
+    "metered": {
+        "prices": {"*": {"input": 1_000_000, "output": 2_000_000}}
+    },  # 1 per prompt token, 2 per completion
+    "flat": {"price_per_request": 0.5},
 }
 
 
@@ -327,3 +331,86 @@ def test_limits_hold_across_replicas_sharing_redis(tmp_path: Path, redis_url: st
     finally:
         for server in servers:
             stop(server.proc)
+
+
+def usage_of(server: Server, key: str) -> dict[str, Any]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/v1/usage", headers={"authorization": f"Bearer {key}"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    assert resp.status == 200, body
+    return body  # type: ignore[no-any-return]
+
+
+def test_usage_and_token_pricing(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    key = new_key(server, "metered")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+    replies = [client.chat.completions.create(model="demo", messages=MESSAGES) for _ in range(2)]
+    usage = usage_of(server, key)
+    assert usage["requests"] == 2
+    assert usage["completion_tokens"] == sum(r.usage.completion_tokens for r in replies if r.usage) == 24
+    expected = sum(r.usage.prompt_tokens + 2 * r.usage.completion_tokens for r in replies if r.usage)
+    assert usage["cost"] == pytest.approx(expected)
+    assert usage["by_model"]["demo"]["requests"] == 2
+    assert {r["stream_id"] for r in usage["recent"]} == {r.id for r in replies}
+
+
+def test_a_dropped_stream_is_charged_for_what_it_delivered(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    key = new_key(server, "metered")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+    stream = client.chat.completions.create(model="slow", messages=MESSAGES, stream=True)
+    for got, _ in enumerate(stream, 1):
+        if got == 4:
+            break
+    stream.close()
+    wait_for(lambda: usage_of(server, key)["requests"] == 1)
+    record = usage_of(server, key)["recent"][0]
+    assert record["status"] == 499  # cancelled by the disconnect
+    assert 4 <= record["completion_tokens"] < 20  # what was generated before the cancel, not the whole answer
+
+
+def test_budget_stops_requests_once_spent(keyed: tuple[Server, Path]) -> None:
+    server, _ = keyed
+    key = new_key(server, "flat", budget=1.0)  # 0.5 a request
+    chat(server, key)
+    chat(server, key)
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(server, key)
+    assert info.value.body["type"] == "insufficient_quota"  # type: ignore[index]
+    assert usage_of(server, key)["cost"] == pytest.approx(1.0)
+
+
+def test_admin_usage_and_the_audit_cli(keyed: tuple[Server, Path], tmp_path: Path) -> None:
+    server, cfg = keyed
+    status, everyone = admin(server, "GET", "/admin/usage")
+    assert status == 200 and everyone["requests"] > 5
+    database = server.log.parent / (server.log.stem + ".db")
+
+    def audit(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{db}"}
+        return subprocess.run(
+            [sys.executable, "-m", "tokenrelay", "audit", *args, "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=60,
+        )
+
+    ok = audit(database, "verify")
+    assert ok.returncode == 0 and "intact" in ok.stderr
+    tail = [json.loads(line) for line in audit(database, "tail", "-n", "3").stdout.splitlines()]
+    assert len(tail) == 3 and tail[-1]["seq"] == tail[0]["seq"] + 2
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(database.read_bytes())
+    import sqlite3
+
+    with sqlite3.connect(copy) as conn:
+        conn.execute("UPDATE audit_records SET status = 200 WHERE seq = 2")
+        conn.execute("UPDATE audit_records SET model = 'other' WHERE seq = 2")
+    broken = audit(copy, "verify")
+    assert broken.returncode == 1 and "record 2 was edited" in broken.stderr

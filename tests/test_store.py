@@ -37,3 +37,92 @@ def test_postgres(postgres_url: str) -> None:
 def test_bad_database_url_fails_clearly() -> None:
     with pytest.raises(ConnectionRefusedError):  # not a hang, nor a silent success
         asyncio.run(exercise("postgresql+asyncpg://postgres@127.0.0.1:1/test"))
+
+
+def record(i: int) -> dict[str, object]:
+    return {
+        "ts": 1_700_000_000.0 + i,
+        "key_id": "key_test",
+        "stream_id": f"chatcmpl-{i}",
+        "model": "demo",
+        "deployment": "demo",
+        "protocol": "openai",
+        "status": 200,
+        "prompt_tokens": 10,
+        "completion_tokens": i,
+        "ttft_ms": 1.5,
+        "duration_ms": 20.25,
+        "cost": 0.001 * i,
+        "request_hash": "ab" * 32,
+        "body": None,
+    }
+
+
+async def tamper_and_verify(url: str) -> list[str | None]:
+    """Write a chain, then break it four ways in turn; what ``verify`` says each time."""
+    from sqlalchemy import text
+
+    from tokenrelay.records import RecordWriter, verify
+
+    store = Store(url)
+    await store.start()
+    seen: list[str | None] = []
+    try:
+        async with store.engine.begin() as conn:
+            await conn.execute(text("DELETE FROM audit_records"))
+            await conn.execute(text("DELETE FROM usage_records"))
+        writer = RecordWriter(store)
+        for i in range(1, 6):
+            writer.add(record(i))
+        await writer.flush()
+        writer.add(record(6))
+        await writer.flush()  # a second batch links to the first
+        checked, problem = await verify(store)
+        seen.append(problem)
+        assert checked == 6
+        attacks = [
+            "UPDATE audit_records SET completion_tokens = 99 WHERE seq = 3",  # edit
+            "DELETE FROM audit_records WHERE seq = 4",  # delete
+            # reorder: swap the contents of records 2 and 5 (numbers kept)
+            "UPDATE audit_records SET seq = -2 WHERE seq = 2; "
+            "UPDATE audit_records SET seq = 2 WHERE seq = 5; "
+            "UPDATE audit_records SET seq = 5 WHERE seq = -2",
+        ]
+        for attack in attacks:
+            async with store.engine.begin() as conn:
+                saved = (
+                    (await conn.execute(text("SELECT * FROM audit_records ORDER BY seq"))).mappings().all()
+                )
+                for statement in attack.split("; "):
+                    await conn.execute(text(statement))
+            seen.append((await verify(store))[1])
+            async with store.engine.begin() as conn:  # put the chain back for the next attack
+                await conn.execute(text("DELETE FROM audit_records"))
+                for row in saved:
+                    cols = ", ".join(row.keys())
+                    await conn.execute(
+                        text(
+                            f"INSERT INTO audit_records ({cols}) VALUES ({', '.join(':' + c for c in row)})"
+                        ),
+                        dict(row),
+                    )
+        seen.append((await verify(store))[1])
+    finally:
+        await store.close()
+    return seen
+
+
+def check_attacks(seen: list[str | None]) -> None:
+    intact, edited, deleted, reordered, restored = seen
+    assert intact is None and restored is None
+    assert edited is not None and "record 3 was edited" in edited
+    assert deleted is not None and "record 4 is missing" in deleted
+    assert reordered is not None and "record 2" in reordered
+
+
+def test_audit_chain_detects_tampering_sqlite(tmp_path: Path) -> None:
+    check_attacks(asyncio.run(tamper_and_verify(f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}")))
+
+
+def test_audit_chain_detects_tampering_postgres(postgres_url: str) -> None:
+    check_attacks(asyncio.run(tamper_and_verify(postgres_url)))

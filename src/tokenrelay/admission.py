@@ -23,6 +23,7 @@ from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
 
 from tokenrelay.errors import GatewayError
+from tokenrelay.records import RecordWriter
 from tokenrelay.store import ApiKey, Store, key_digest
 
 if TYPE_CHECKING:
@@ -70,9 +71,10 @@ def bearer(value: bytes | None) -> bytes | None:
 
 
 class Admission:
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, records: RecordWriter) -> None:
         self.config = config
         self.store = store
+        self.records = records
         self.plans = config.plans
         self.limits = {name: Limits(plan) for name, plan in self.plans.items()}
         redis_url = config.server.redis_url
@@ -106,6 +108,7 @@ class Admission:
             await asyncio.sleep(REFRESH_SECONDS)
             try:
                 await self.refresh()
+                await self.records.refresh_spent()  # what other replicas charged, for budgets
             except Exception as exc:  # the database is away: keep the keys we have
                 log.warning("refreshing API keys failed: %s", exc)
 
@@ -151,6 +154,13 @@ class Admission:
                 type="permission_error",
                 param="model",
                 code="model_not_allowed",
+            )
+        if key.budget is not None and self.records.spent.get(key.id, 0.0) >= key.budget:
+            raise GatewayError(
+                429,
+                f"This key's budget of {key.budget:g} is spent.",
+                type="insufficient_quota",
+                code="budget_exhausted",
             )
         if plan.concurrent_streams and self.streams.get(key.id, 0) >= plan.concurrent_streams:
             raise GatewayError(

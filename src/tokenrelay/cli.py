@@ -47,6 +47,100 @@ def _config_or_exit(path: str | None) -> Any:
 ConfigOption = Annotated[str | None, typer.Option("--config", "-c", help="YAML config file")]
 
 
+audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit trail: verify, tail")
+app.add_typer(audit_app, name="audit")
+
+
+def _with_store(config: str | None, work: Any) -> Any:
+    """Run ``work(store)`` against the configured database."""
+    from tokenrelay.store import Store
+
+    cfg = _config_or_exit(config)
+
+    async def run() -> Any:
+        store = Store(cfg.server.database_url)
+        try:
+            await store.start()
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOption = None) -> None:
+    """Check the whole hash chain; names the first record edited, inserted, deleted or moved."""
+    from tokenrelay.records import verify
+
+    checked, problem = _with_store(config, verify)
+    if problem:
+        err.print(f"[red]audit trail broken after {checked} good records:[/red] {problem}")
+        raise typer.Exit(1)
+    err.print(f"audit trail intact: {checked} records")
+
+
+@audit_app.command("tail")
+def audit_tail(
+    count: Annotated[int, typer.Option("-n", help="how many of the latest records")] = 20,
+    config: ConfigOption = None,
+) -> None:
+    """The latest audit records, one JSON object per line."""
+    from tokenrelay.records import tail
+
+    for record in _with_store(config, lambda store: tail(store, count)):
+        print(json.dumps(record))
+
+
+@app.command()
+def usage(
+    key: Annotated[str | None, typer.Option("--key", help="a key id (default: every key)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Requests, tokens and cost per model, from the usage records."""
+    from tokenrelay import records
+
+    body = _with_store(config, lambda store: records.usage(store, key))
+    table = Table("model", "requests", "prompt tokens", "completion tokens", "cost")
+    for model, row in [*body["by_model"].items(), ("total", body)]:
+        cells = (row["requests"], row["prompt_tokens"], row["completion_tokens"])
+        table.add_row(model, *(str(c) for c in cells), f"{row['cost']:.6f}")
+    Console().print(table)
+
+
+@app.command()
+def cost(
+    requests: Annotated[int, typer.Option(help="requests in the workload")],
+    prompt_tokens: Annotated[int, typer.Option(help="prompt tokens per request")],
+    completion_tokens: Annotated[int, typer.Option(help="completion tokens per request")],
+    model: Annotated[str, typer.Option(help="the model the prices are looked up for")] = "*",
+    config: ConfigOption = None,
+) -> None:
+    """Compare request-based and token-based pricing of each plan for a workload."""
+    cfg = _config_or_exit(config)
+    table = Table("plan", "per request", "request-based", "token-based", "cheaper")
+    for name, plan in cfg.plans.items():
+        flat = plan.price_per_request
+        price = plan.prices.get(model) or plan.prices.get("*")
+        by_request = None if flat is None else requests * flat
+        by_tokens = (
+            None
+            if price is None
+            else requests * (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+        )
+        cheaper = ""
+        if by_request is not None and by_tokens is not None:
+            cheaper = "request-based" if by_request < by_tokens else "token-based"
+        table.add_row(
+            name,
+            "" if flat is None else f"{flat:g}",
+            "" if by_request is None else f"{by_request:.4f}",
+            "" if by_tokens is None else f"{by_tokens:.4f}",
+            cheaper,
+        )
+    Console().print(table)
+
+
 @keys_app.command("create")
 def keys_create(
     plan: Annotated[str, typer.Option(help="a plan from the config (default plans: free, pro, premium)")],

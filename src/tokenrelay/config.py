@@ -63,6 +63,11 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
 
 
+class TokenPrice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    input: float = 0.0  # per million prompt tokens
+    output: float = 0.0  # per million completion tokens
+
+
 class PlanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """What a key's plan allows; an unset limit is no limit."""
 
@@ -72,7 +77,18 @@ class PlanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     concurrent_streams: int | None = None
     models: list[str] | None = None  # unset: every model
     priority: int = 0  # higher goes first when a model's queue is full (issue 5, priority admission)
+    # pricing: a flat price per request, or prices per million tokens per model ("*": any other model)
+    price_per_request: float | None = None
+    prices: dict[str, TokenPrice] = msgspec.field(default_factory=dict)
     description: str | None = None
+
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
+        if self.price_per_request is not None:
+            return self.price_per_request
+        price = self.prices.get(model) or self.prices.get("*")
+        if price is None:
+            return 0.0
+        return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
 
 
 DEFAULT_PLANS: dict[str, dict[str, Any]] = {
@@ -103,6 +119,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     database_url: str | None = None
     admin_key_env: str = "TOKENRELAY_ADMIN_KEY"  # the admin API's credential comes from this variable
     allow_open: bool = False  # serve with no API keys on an address other than loopback
+    audit_bodies: bool = False  # keep each request body (secrets redacted) in the audit trail
     # shared state for several replicas (docs/deployment.md): stream logs go to Redis Streams
     redis_url: str | None = None
     redis_prefix: str = "tokenrelay"
@@ -149,6 +166,7 @@ _ENV_SERVER = (
     "redis_url",
     "database_url",
     "allow_open",
+    "audit_bodies",
     "redis_prefix",
     "max_log_entries",
     "replica_lease_seconds",

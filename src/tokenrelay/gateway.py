@@ -7,18 +7,22 @@ streams. Transports call ``open()`` with a decoded ``ChatRequest`` and read the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from tokenrelay.admission import Admission, Principal
 from tokenrelay.config import Config
-from tokenrelay.events import Event, Usage
+from tokenrelay.events import Error, Event, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from tokenrelay.providers import build_provider
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.http_base import HttpStreamProvider
-from tokenrelay.request import ChatRequest, new_stream_id
+from tokenrelay.records import RecordWriter, redact
+from tokenrelay.request import ChatRequest, estimate_prompt_tokens, new_stream_id
 from tokenrelay.router import Route, Router
 from tokenrelay.session import StreamSession
 from tokenrelay.store import Store
@@ -29,6 +33,17 @@ if TYPE_CHECKING:
     from tokenrelay.streamlog import RedisStreamLog, StreamMeta
 
 log = logging.getLogger("tokenrelay")
+
+
+def delivered_tokens(session: StreamSession) -> tuple[int, int]:
+    """(prompt, completion) tokens: the provider's usage when it sent one, else what was delivered,
+    counted (one token per text or tool-call delta) with the prompt estimated, so a disconnected or failed
+    stream is charged for what it delivered."""
+    for ev in reversed(session.events):
+        if isinstance(ev, Usage):
+            return ev.prompt_tokens, ev.completion_tokens
+    produced = sum(1 for ev in session.events if isinstance(ev, TextDelta | ToolCallDelta | ReasoningDelta))
+    return (estimate_prompt_tokens(session.request) if session.accepted else 0), produced
 
 
 class Gateway:
@@ -45,7 +60,8 @@ class Gateway:
         self.pool: HttpPool | None = None
         self.log: RedisStreamLog | None = None
         self.store = Store(config.server.database_url)
-        self.admission = Admission(config, self.store)
+        self.records = RecordWriter(self.store)
+        self.admission = Admission(config, self.store, self.records)
         if config.server.redis_url:
             from tokenrelay.streamlog import RedisStreamLog  # redis loads only when used
 
@@ -72,6 +88,7 @@ class Gateway:
     async def _start(self) -> None:
         try:
             await self.store.start()
+            await self.records.start()
             await self.admission.start()
         except Exception as exc:
             self.startup_errors["database"] = f"{type(exc).__name__}: {exc}"
@@ -112,6 +129,7 @@ class Gateway:
         if self.log is not None:
             await self.log.close()
         await self.admission.close()
+        await self.records.close()
         await self.store.close()
 
     def open(
@@ -166,9 +184,12 @@ class Gateway:
 
     def _retire(self, session: StreamSession) -> None:
         self.streams.pop(session.id, None)
-        if session.principal is not None:
-            usage = next((ev for ev in reversed(session.events) if isinstance(ev, Usage)), None)
-            self.admission.release(session.principal, usage.total_tokens if usage else 0)
+        prompt, completion = delivered_tokens(session)
+        principal = session.principal
+        if principal is not None:
+            self.admission.release(principal, prompt + completion)
+        if self.admission.loaded:
+            self.records.add(self._record(session, prompt, completion))
         server = self.config.server
         if server.stream_ttl_seconds <= 0 or server.max_finished_streams <= 0:
             return
@@ -179,6 +200,37 @@ class Gateway:
             if expires > now and len(self.finished) <= server.max_finished_streams:
                 break
             self.finished.pop(oldest.id)
+
+    def _record(self, session: StreamSession, prompt: int, completion: int) -> dict[str, Any]:
+        """The usage and audit record of a finished stream (written later, in a batch)."""
+        principal = session.principal
+        last = session.events[-1] if session.events else None
+        status = (
+            session.pre_error.status if session.pre_error else last.status if isinstance(last, Error) else 200
+        )
+        now = time.perf_counter()
+        req = session.request
+        encoded = msgspec.json.encode(req)
+        return {
+            "ts": time.time(),
+            "key_id": principal.key.id if principal else None,
+            "stream_id": session.id,
+            "model": req.model,
+            "deployment": session.deployment,
+            "protocol": session.protocol,
+            "status": status,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "ttft_ms": round((session.first_token_at - session.started_at) * 1000, 3)
+            if session.first_token_at
+            else None,
+            "duration_ms": round((now - session.started_at) * 1000, 3),
+            "cost": principal.plan.cost(req.model, prompt, completion) if principal else 0.0,
+            "request_hash": hashlib.sha256(encoded).hexdigest(),
+            "body": msgspec.json.encode(redact(msgspec.json.decode(encoded))).decode()
+            if self.config.server.audit_bodies
+            else None,
+        }
 
     def _find_here(self, stream_id: str) -> StreamSession | None:
         session = self.streams.get(stream_id)

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
+from tokenrelay import records
 from tokenrelay.admission import bearer
 from tokenrelay.errors import GatewayError, invalid
 from tokenrelay.events import Error, Event
@@ -60,6 +61,14 @@ STREAM_HEADERS = [
 STARTED = "tokenrelay.started"
 PROTOCOL = "tokenrelay.protocol"
 COMMON_HEADERS = "tokenrelay.headers"
+
+
+def _since(scope: Scope) -> float:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("since")
+    try:
+        return float(values[-1]) if values else 0.0
+    except ValueError:
+        raise invalid("'since' must be a Unix time in seconds.", param="since") from None
 
 
 class NewKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -207,6 +216,8 @@ class HttpApp:
             ("GET", "/readyz"): self.readyz,
             ("GET", "/mock/stats"): self.mock_stats,
             ("GET", "/stats"): self.stats,
+            ("GET", "/v1/usage"): self.usage,
+            ("GET", "/admin/usage"): self.admin_usage,
             ("GET", "/admin/keys"): self.admin_keys,
             ("POST", "/admin/keys"): self.admin_create_key,
         }
@@ -406,6 +417,23 @@ class HttpApp:
         given = bearer(credential(scope)) or b""
         if not hmac.compare_digest(given, expected.encode()):
             raise GatewayError(401, "The admin credential is missing or wrong.", type="authentication_error")
+
+    async def usage(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /v1/usage``: the calling key's requests, tokens and cost (by model, and the latest)."""
+        key = self.gateway.admission.authenticate(credential(scope))
+        await self.gateway.records.flush()  # include what is still queued in this process
+        body = await records.usage(self.gateway.store, key.id if key else None, _since(scope))
+        if key is not None:
+            body["budget"] = key.budget
+        await send_json(scope, send, 200, body)
+
+    async def admin_usage(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /admin/usage?key_id=...``: one key's usage, or everyone's without ``key_id``."""
+        self._admin(scope)
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        await self.gateway.records.flush()
+        key_id = query.get("key_id", [None])[-1]
+        await send_json(scope, send, 200, await records.usage(self.gateway.store, key_id, _since(scope)))
 
     async def admin_keys(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._admin(scope)
