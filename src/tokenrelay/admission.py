@@ -23,6 +23,7 @@ from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
 
 from tokenrelay.errors import GatewayError
+from tokenrelay.jwt_auth import JwtVerifier, looks_like_jwt
 from tokenrelay.records import RecordWriter
 from tokenrelay.store import ApiKey, Store, key_digest
 
@@ -82,16 +83,18 @@ class Admission:
         storage = storage_from_string(uri, key_prefix=f"{config.server.redis_prefix}:limits")
         self.limiter = FixedWindowRateLimiter(storage)
         self.keys: dict[str, ApiKey] = {}  # digest -> active key
+        self.jwt = JwtVerifier(config.jwt_issuers)
         self.streams: dict[str, int] = {}  # key id -> live streams on this replica
         self._refresher: asyncio.Task[None] | None = None
         self.loaded = False  # until the keys are read, nobody is admitted (not even "open")
 
     @property
     def open(self) -> bool:
-        """No keys: every request is admitted without a plan."""
-        return not self.keys
+        """No keys and no token issuers: every request is admitted without a plan."""
+        return not self.keys and not self.jwt.issuers
 
     async def start(self) -> None:
+        await self.jwt.start()
         await self.refresh()
         self.loaded = True
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
@@ -99,6 +102,7 @@ class Admission:
     async def close(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+        await self.jwt.close()
 
     async def refresh(self) -> None:
         self.keys = {k.digest: k for k in await self.store.keys(include_revoked=False)}
@@ -126,6 +130,8 @@ class Admission:
                 type="authentication_error",
                 code="missing_api_key",
             )
+        if self.jwt.issuers and looks_like_jwt(secret):
+            return self.jwt.verify(secret)
         key = self.keys.get(key_digest(secret))
         if key is None:
             raise GatewayError(

@@ -280,7 +280,7 @@ def serve(
     except Exception as exc:
         err.print(f"[red]database error:[/red] {server.database_url or 'tokenrelay.db'}: {exc}")
         raise typer.Exit(2) from None
-    if not active:
+    if not active and not cfg.jwt_issuers:
         if server.host not in LOOPBACK and not server.allow_open:
             err.print(
                 f"[red]refusing to serve {server.host} with no API keys:[/red] anyone who can reach it could "

@@ -98,6 +98,20 @@ DEFAULT_PLANS: dict[str, dict[str, Any]] = {
 }
 
 
+class JwtIssuer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An OAuth2 / OIDC issuer whose bearer JWTs are accepted (docs/access.md)."""
+
+    issuer: str  # the exact "iss" claim
+    audience: str | list[str] | None = None  # "aud" must match when set
+    jwks_url: str | None = None  # keys fetched from here (refreshed; rotated keys picked up) ...
+    keys: list[str] = msgspec.field(default_factory=list)  # ... and/or PEM public keys (text or file path)
+    algorithms: list[str] = msgspec.field(default_factory=lambda: ["RS256", "ES256"])
+    plan_claim: str = "plan"  # the claim naming the plan ...
+    default_plan: str = "free"  # ... or this plan when the token has none
+    models_claim: str = "models"  # a list claim narrowing the allowed models
+    leeway_seconds: float = 30.0  # clock skew allowed on exp / nbf / iat
+
+
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
@@ -135,6 +149,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     models: list[ModelConfig] = msgspec.field(default_factory=list)
     plans: dict[str, PlanConfig] = msgspec.field(default_factory=dict)
+    jwt_issuers: list[JwtIssuer] = msgspec.field(default_factory=list)
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:
@@ -196,6 +211,9 @@ def _validate(data: dict[str, Any], source: str) -> Config:
             raise ConfigError(f"{source}: models[{i}] ({m.name}): provider openai needs base_url")
         if m.base_url and not m.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{source}: models[{i}].base_url must start with http:// or https://")
+    for i, issuer in enumerate(cfg.jwt_issuers):
+        if not issuer.jwks_url and not issuer.keys:
+            raise ConfigError(f"{source}: jwt_issuers[{i}] needs jwks_url or keys")
     check_tls(cfg.server, source)
     return cfg
 
