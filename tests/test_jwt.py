@@ -140,9 +140,7 @@ def test_expired_wrong_audience_or_issuer_is_401(jwt_gateway: Server, bad: dict[
 
 def test_a_token_signed_by_another_key_is_401(jwt_gateway: Server) -> None:
     code, body = status(jwt_gateway, token(STRANGER))
-    assert (code == 401 and "signature" in body["error"]["message"].lower()) or "no key" in body["error"][
-        "message"
-    ]
+    assert code == 401 and "no key of the issuer verifies" in body["error"]["message"]
     assert status(jwt_gateway, "not-a-key-at-all")[0] == 401
     assert (
         raw_post(jwt_gateway.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES}).status
