@@ -61,6 +61,10 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_backoff_seconds: float = 0.25
     retry_max_wait_seconds: float = 10.0
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    # priority admission (queueing.py): at most this many streams at once; others wait by plan priority
+    max_concurrent: int | None = None
+    max_queue_wait_seconds: float = 30.0
+    max_queue: int = 1000
 
 
 class TokenPrice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -21,6 +21,7 @@ from tokenrelay.events import Error, Event, ReasoningDelta, TextDelta, ToolCallD
 from tokenrelay.providers import build_provider
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.http_base import HttpStreamProvider
+from tokenrelay.queueing import PriorityGate
 from tokenrelay.records import RecordWriter, redact
 from tokenrelay.request import ChatRequest, estimate_prompt_tokens, new_stream_id
 from tokenrelay.router import Route, Router
@@ -51,6 +52,11 @@ class Gateway:
         self.config = config
         self.providers: dict[str, Provider] = {m.name: build_provider(m) for m in config.models}
         self.router = Router(self.providers)
+        self.gates = {
+            m.name: PriorityGate(m.name, m.max_concurrent, m.max_queue_wait_seconds, m.max_queue)
+            for m in config.models
+            if m.max_concurrent
+        }
         self.streams: dict[str, StreamSession] = {}  # live
         # finished, still resumable: id -> (expiry on the loop clock, session), oldest first
         self.finished: OrderedDict[str, tuple[float, StreamSession]] = OrderedDict()
@@ -172,11 +178,23 @@ class Gateway:
         """Admission, then ``open()``: what every transport calls with a decoded request and the raw
         credential header (``Authorization`` or ``x-api-key``) it came with."""
         principal = await self.admission.admit(credential, req)
+        gate = self.gates.get(req.model)
         try:
-            return self.open(req, id_prefix, protocol, digest(credential) if credential else None, principal)
+            if gate is not None:
+                await gate.acquire(principal.plan.priority if principal else 0)
+            try:
+                session = self.open(
+                    req, id_prefix, protocol, digest(credential) if credential else None, principal
+                )
+            except BaseException:
+                if gate is not None:
+                    gate.release()
+                raise
         except BaseException:
             self.admission.release(principal, 0)
             raise
+        session.gate = gate
+        return session
 
     def _track(self, session: StreamSession) -> None:
         self.streams[session.id] = session
@@ -184,6 +202,9 @@ class Gateway:
 
     def _retire(self, session: StreamSession) -> None:
         self.streams.pop(session.id, None)
+        if session.gate is not None:
+            session.gate.release()
+            session.gate = None
         prompt, completion = delivered_tokens(session)
         principal = session.principal
         if principal is not None:

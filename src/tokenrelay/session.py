@@ -29,6 +29,7 @@ from tokenrelay.router import Route
 
 if TYPE_CHECKING:
     from tokenrelay.admission import Principal
+    from tokenrelay.queueing import PriorityGate
 
 # where a session's batches go besides its own log (a shared store): (session, index of first, batch)
 Sink = Callable[["StreamSession", int, list[Event]], None]
@@ -67,6 +68,7 @@ class StreamSession:
         self.events: list[Event] = [] if events is None else events
         self.sink = sink
         self.principal: Principal | None = None  # the admitted caller, released when the stream ends
+        self.gate: PriorityGate | None = None  # the model's concurrency slot it holds, if capped
         self.accepted = False
         self.done = False
         self.pre_error: GatewayError | None = None

@@ -396,7 +396,11 @@ class HttpApp:
                 "log_events": sum(len(st.events) for st in gw.streams.values()),
                 "evicted_readers": gw.evicted,
                 "models": {
-                    n: {**p.stats(), "breaker": gw.router.deployments[n].breaker.stats()}
+                    n: {
+                        **p.stats(),
+                        "breaker": gw.router.deployments[n].breaker.stats(),
+                        **({"queue": gw.gates[n].stats()} if n in gw.gates else {}),
+                    }
                     for n, p in gw.providers.items()
                 },
             },
