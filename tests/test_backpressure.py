@@ -67,10 +67,10 @@ def test_slow_reader_pauses_the_model_then_is_dropped_resumably(gateway_bp: Serv
     time.sleep(0.5)
     assert stats(gateway_bp)["log_events"] == held  # bounded: nothing more was generated
     assert held < FLOOD["tokens"]
-    # other streams are not held up by it
-    t0 = time.monotonic()
+    # other streams are not held up by it: one runs to its end while the slow one is still paused
     other = raw_post(gateway_bp.port, "/v1/chat/completions", {**BODY, "model": "demo"})
-    assert other.sse_data()[-1] == b"[DONE]" and time.monotonic() - t0 < 1
+    assert other.sse_data()[-1] == b"[DONE]"
+    assert stats(gateway_bp)["paused_streams"] == 1 and stats(gateway_bp)["evicted_readers"] == 0
     # stalled for client_stall_seconds: dropped, and the model goes on for the grace period
     wait_for(lambda: stats(gateway_bp)["evicted_readers"] == 1, timeout=10)
     received = b""
