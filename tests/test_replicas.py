@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from tests.conftest import Server, free_port, raw_post, start, stop, wait_http
@@ -64,6 +65,17 @@ def replicas(tmp_path: Path, redis_url: str) -> Iterator[Replicas]:
         group.close()
 
 
+def kill_replica(server: Server) -> None:
+    """SIGKILL the whole replica: the serve process and its granian workers (a worker outlives a killed
+    parent, and would go on renewing the stream's lease)."""
+    parent = psutil.Process(server.proc.pid)
+    procs = [*parent.children(recursive=True), parent]
+    for proc in procs:
+        proc.kill()
+    server.proc.wait()
+    psutil.wait_procs(procs, timeout=5)
+
+
 def body(**extra: Any) -> dict[str, Any]:
     return {
         "model": "demo",
@@ -105,10 +117,12 @@ def test_stream_started_on_one_replica_resumes_on_another(replicas: Replicas) ->
 def test_replica_killed_mid_stream_is_finished_by_another(replicas: Replicas) -> None:
     a, b = replicas.add(), replicas.add()
     stream_id, first = start_and_drop(a.port, "/v1/chat/completions", body(), keep=5)
-    a.proc.kill()  # SIGKILL: no shutdown, the lease just stops being renewed
-    a.proc.wait()
+    kill_replica(a)
     status, _, rest = get(b.port, f"/v1/streams/{stream_id}?after={len(first)}")
     assert status == 200
+    # B generated the rest itself: its model was asked to continue the text in the log
+    continued = b.get_json("/mock/stats")["demo"]["last_request"]["messages"][-1]
+    assert continued["role"] == "assistant" and len(continued["content"].split()) >= 5
     check_resumed(first, rest, whole_text(b))
     # the finished answer is in the log: a third replica replays it whole
     c = replicas.add()

@@ -34,6 +34,9 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     thinking: dict[str, Any] | None = None  # Anthropic's extended thinking, passed to Anthropic upstreams
     include_usage: bool = False
     on_disconnect: str | None = None
+    obfuscation: bool | None = (
+        None  # side-channel padding; None: the protocol's default (protocol/padding.py)
+    )
     # Fields no stage models (logprobs, logit_bias, reasoning_effort ...), passed to OpenAI-compatible
     # upstreams untouched so new upstream features work without a gateway release.
     extra: dict[str, Any] = msgspec.field(default_factory=dict)

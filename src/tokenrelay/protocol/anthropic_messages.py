@@ -19,6 +19,7 @@ from tokenrelay.anthropic_wire import MessagesRequest
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from tokenrelay.protocol.base import Collected, StreamEncoder, StreamInfo, WireProtocol
+from tokenrelay.protocol.padding import comment
 from tokenrelay.protocol.validation import decode_body
 from tokenrelay.request import ChatRequest
 
@@ -52,6 +53,7 @@ class MessagesStreamEncoder(StreamEncoder):
         self._open_kind = ""  # "text", "thinking" or "tool"
         self._open_tool = -1  # the internal tool-call index the open tool_use block belongs to
         self._usage: Usage | None = None
+        self.obfuscate = info.request.obfuscation is True  # opt-in here: x-tokenrelay-obfuscation: on
 
     def open(self) -> bytes:
         message: dict[str, Any] = {
@@ -86,10 +88,11 @@ class MessagesStreamEncoder(StreamEncoder):
         )
 
     def _delta(self, delta: bytes) -> bytes:
-        return _event(
+        event = _event(
             b"content_block_delta",
             b'{"type":"content_block_delta","index":%d,"delta":%s}' % (self._index, delta),
         )
+        return comment(len(delta)) + event if self.obfuscate else event
 
     def encode(self, batch: list[Event]) -> bytes:
         out: list[bytes] = []

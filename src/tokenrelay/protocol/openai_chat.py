@@ -25,6 +25,7 @@ from tokenrelay.events import (
 )
 from tokenrelay.openai_wire import REQUEST_FIELDS, ChatCompletionRequest
 from tokenrelay.protocol.base import Collected, StreamEncoder, StreamInfo, WireProtocol
+from tokenrelay.protocol.padding import obfuscation_field
 from tokenrelay.protocol.validation import decode_body
 from tokenrelay.request import ChatRequest
 
@@ -73,6 +74,7 @@ def to_internal(wire: ChatCompletionRequest, extra: dict[str, Any]) -> ChatReque
         user=wire.user,
         include_usage=bool(opts and opts.include_usage),
         on_disconnect=opts.on_disconnect if opts else None,
+        obfuscation=opts.include_obfuscation if opts else None,
         extra=extra,
         mock=wire.mock,
     )
@@ -95,7 +97,9 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 class ChatStreamEncoder(StreamEncoder):
     """Events -> ``data:`` lines of ``chat.completion.chunk`` objects, one byte string per batch."""
 
-    def __init__(self, stream_id: str, model: str, created: int, include_usage: bool) -> None:
+    def __init__(
+        self, stream_id: str, model: str, created: int, include_usage: bool, obfuscate: bool = False
+    ) -> None:
         super().__init__()
         common = (
             b'data: {"id":'
@@ -108,12 +112,24 @@ class ChatStreamEncoder(StreamEncoder):
         self._head = common + b',"choices":[{"index":0,"delta":'
         self._open = b',"logprobs":null,"finish_reason":'
         self._tail = b"}]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+        self._pad_tail = self._tail[:-3]  # before the closing brace: room for "obfuscation"
+        self.obfuscate = obfuscate
         self._usage_head = common + b',"choices":[],"usage":'
         self.include_usage = include_usage
         self.role_sent = False
         self._usage: Usage | None = None
 
     def _chunk(self, delta: bytes, finish: bytes = b"null") -> bytes:
+        if self.obfuscate:
+            return (
+                self._head
+                + delta
+                + self._open
+                + finish
+                + self._pad_tail
+                + obfuscation_field(len(delta))
+                + b"}\n\n"
+            )
         return self._head + delta + self._open + finish + self._tail
 
     def _role(self) -> bytes:
@@ -206,7 +222,10 @@ class OpenAIChat(WireProtocol):
         return decode_request(body)
 
     def encoder(self, info: StreamInfo) -> ChatStreamEncoder:
-        return ChatStreamEncoder(info.id, info.model, info.created, info.request.include_usage)
+        req = info.request
+        return ChatStreamEncoder(
+            info.id, info.model, info.created, req.include_usage, req.obfuscation is not False
+        )
 
     def complete(self, info: StreamInfo, events: list[Event]) -> dict[str, Any]:
         builder = ChatCompletionBuilder(info.id, info.model, info.created)

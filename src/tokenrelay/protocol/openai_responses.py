@@ -39,6 +39,7 @@ from tokenrelay.openai_wire import (
 )
 from tokenrelay.protocol import openai_chat
 from tokenrelay.protocol.base import Collected, StreamEncoder, StreamInfo, WireProtocol
+from tokenrelay.protocol.padding import obfuscation_field
 from tokenrelay.protocol.validation import decode_body, field_error
 from tokenrelay.request import ChatRequest
 
@@ -125,6 +126,10 @@ class Reasoning(Struct, forbid_unknown_fields=False):
     summary: str | None = None
 
 
+class ResponsesStreamOptions(Struct, forbid_unknown_fields=False):
+    include_obfuscation: bool | None = None
+
+
 class ResponsesRequest(Struct, forbid_unknown_fields=False):
     model: str
     input: str | list[dict[str, Any]]
@@ -142,6 +147,7 @@ class ResponsesRequest(Struct, forbid_unknown_fields=False):
     metadata: dict[str, str] | None = None
     user: str | None = None
     store: bool | None = None
+    stream_options: ResponsesStreamOptions | None = None
     mock: dict[str, Any] | None = None  # tokenrelay extension, as on the other endpoints
 
 
@@ -299,6 +305,7 @@ def decode_request(body: bytes) -> ChatRequest:
         response_format=response_format,
         user=wire.user,
         include_usage=True,
+        obfuscation=wire.stream_options.include_obfuscation if wire.stream_options else None,
         extra=extra,
         mock=wire.mock,
     )
@@ -403,6 +410,7 @@ class ResponsesStreamEncoder(StreamEncoder):
         super().__init__()
         self.info = info
         self.seq = 0
+        self.obfuscate = info.request.obfuscation is not False  # on unless asked off, as OpenAI does
         self.output: list[dict[str, Any]] = []
         self._kind = ""  # the open item: "message", "call", "reasoning" or ""
         self._item_id = ""
@@ -434,7 +442,9 @@ class ResponsesStreamEncoder(StreamEncoder):
         )
         tail = b'"content_index":0,"logprobs":[],' if content_index else b""
         self.seq += 1
-        return head + tail + b'"delta":' + _encode(delta) + b',"sequence_number":%d}\n\n' % (self.seq - 1)
+        text = _encode(delta)
+        pad = obfuscation_field(len(text)) if self.obfuscate else b""
+        return head + tail + b'"delta":' + text + pad + b',"sequence_number":%d}\n\n' % (self.seq - 1)
 
     def _close(self, out: list[bytes]) -> None:
         kind, index = self._kind, len(self.output)

@@ -482,6 +482,13 @@ class HttpApp:
                         param="x-tokenrelay-on-disconnect",
                     )
                 req.on_disconnect = policy.decode()
+            padding = header(scope, b"x-tokenrelay-obfuscation")
+            if padding is not None:
+                if padding not in (b"on", b"off"):
+                    raise invalid(
+                        "x-tokenrelay-obfuscation must be 'on' or 'off'.", param="x-tokenrelay-obfuscation"
+                    )
+                req.obfuscation = padding == b"on"
             session = await self.gateway.start_stream(
                 req, credential(scope), protocol.id_prefix, protocol.name
             )
