@@ -414,3 +414,56 @@ def test_admin_usage_and_the_audit_cli(keyed: tuple[Server, Path], tmp_path: Pat
         conn.execute("UPDATE audit_records SET model = 'other' WHERE seq = 2")
     broken = audit(copy, "verify")
     assert broken.returncode == 1 and "record 2 was edited" in broken.stderr
+
+
+def test_records_survive_a_graceful_shutdown(tmp_path: Path) -> None:
+    """Records are written in batches every half second; a SIGTERM right after the requests loses none."""
+    import asyncio
+
+    from tokenrelay import records
+    from tokenrelay.store import Store
+
+    cfg = tmp_path / "tokenrelay.yaml"
+    cfg.write_text(yaml.safe_dump(keyed_config()))
+    db = tmp_path / "records.db"
+    port = free_port()
+    proc = start(
+        ["serve", "--config", str(cfg), "--port", str(port)],
+        tmp_path / "gateway.log",
+        {"TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{db}"},
+    )
+    try:
+        wait_http("127.0.0.1", port, "/readyz", proc, 60)
+        for _ in range(20):
+            assert (
+                raw_post(port, "/v1/chat/completions", {"model": "other", "messages": MESSAGES}).status == 200
+            )
+    finally:
+        stop(proc)  # SIGTERM at once: the last batch is still queued in the process
+
+    async def check() -> tuple[int, tuple[int, str | None]]:
+        store = Store(f"sqlite+aiosqlite:///{db}")
+        await store.start()
+        try:
+            return (await records.usage(store, None))["requests"], await records.verify(store)
+        finally:
+            await store.close()
+
+    count, (checked, problem) = asyncio.run(check())
+    assert count == 20 and checked == 20 and problem is None
+
+
+def test_cost_compares_request_and_token_pricing(tmp_path: Path) -> None:
+    cfg = tmp_path / "tokenrelay.yaml"
+    config = keyed_config()
+    config["plans"] = {"both": {"price_per_request": 0.01, "prices": {"*": {"input": 1.0, "output": 4.0}}}}
+    cfg.write_text(yaml.safe_dump(config))
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenrelay", "cost", "--requests", "1000", "--prompt-tokens", "500",
+         "--completion-tokens", "1000", "--config", str(cfg)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if "both" in line)
+    # 1000 x 0.01 = 10.0 by request; 1000 x (500 x 1 + 1000 x 4) / 1e6 = 4.5 by tokens
+    assert "10.0000" in row and "4.5000" in row and "token-based" in row
