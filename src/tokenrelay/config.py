@@ -140,6 +140,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     audit_bodies: bool = False  # keep each request body (secrets redacted) in the audit trail
     # shared state for several replicas (docs/deployment.md): stream logs go to Redis Streams
     redis_url: str | None = None
+    rate_limit_url: str | None = None  # plan limits' storage when not redis_url (redis://...; unset: memory)
     redis_prefix: str = "tokenrelay"
     max_log_entries: int = 100_000  # a stream's Redis log keeps at most this many batches
     replica_lease_seconds: float = 5.0  # a live stream's owner refreshes its claim this often x3
@@ -183,6 +184,7 @@ _ENV_SERVER = (
     "backlog",
     "log_level",
     "redis_url",
+    "rate_limit_url",
     "database_url",
     "allow_open",
     "audit_bodies",
