@@ -73,3 +73,51 @@ def test_anthropic_streams_pad_with_comments_when_asked(gateway: Server) -> None
         assert stream.get_final_text()
     bad = raw_post(gateway.port, "/v1/messages", body, {"x-tokenrelay-obfuscation": "maybe"})
     assert bad.status == 400 and bad.json()["error"]["param"] == "x-tokenrelay-obfuscation"
+
+
+def test_ollama_websocket_and_grpc_pad_when_asked(gateway: Server) -> None:
+    import grpc
+    import ollama
+    from websockets.sync.client import connect
+
+    from tokenrelay.grpc_api import tokenrelay_pb2 as pb
+    from tokenrelay.grpc_api import tokenrelay_pb2_grpc as pb_grpc
+
+    body = {"model": "demo", "messages": MESSAGES}
+    lines = [json.loads(x) for x in raw_post(gateway.port, "/api/chat", body).body.splitlines()]
+    assert not any("obfuscation" in x for x in lines)
+    padded = raw_post(gateway.port, "/api/chat", body, {"x-tokenrelay-obfuscation": "on"}).body.splitlines()
+    text_lines = [json.loads(x) for x in padded if b'"done":false' in x]
+    assert text_lines and all("obfuscation" in x for x in text_lines)
+    client = ollama.Client(host=gateway.url, headers={"x-tokenrelay-obfuscation": "on"})
+    assert "".join(
+        part.message.content or "" for part in client.chat(model="demo", messages=MESSAGES, stream=True)
+    )
+
+    with connect(f"ws://127.0.0.1:{gateway.port}/v1/ws/chat", open_timeout=5) as ws:
+        ws.send(
+            json.dumps(
+                {
+                    "type": "request",
+                    "id": 1,
+                    "body": {**body, "stream_options": {"include_obfuscation": True}},
+                }
+            )
+        )
+        tokens = []
+        while True:
+            msg = json.loads(ws.recv(timeout=5))
+            if msg["type"] == "done":
+                break
+            tokens.append(msg)
+        assert tokens and all(m["type"] == "token" and "obfuscation" in m for m in tokens)
+
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+        stub = pb_grpc.TokenRelayStub(channel)
+        request = pb.ChatRequest(
+            model="demo", messages=[pb.Message(role="user", content="pad me")], obfuscation=True
+        )
+        events = [e for e in stub.StreamChat(request, timeout=10) if e.WhichOneof("kind") == "text"]
+        assert events and all(e.obfuscation for e in events)
+        plain = pb.ChatRequest(model="demo", messages=[pb.Message(role="user", content="pad me")])
+        assert not any(e.obfuscation for e in stub.StreamChat(plain, timeout=10))

@@ -41,7 +41,7 @@ class Tool(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters_json: _Optional[str] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("request_id", "model", "messages", "max_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "body_json", "mock_json")
+    __slots__ = ("request_id", "model", "messages", "max_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "body_json", "mock_json", "obfuscation")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class ChatRequest(_message.Message):
     TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     BODY_JSON_FIELD_NUMBER: _ClassVar[int]
     MOCK_JSON_FIELD_NUMBER: _ClassVar[int]
+    OBFUSCATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
@@ -66,7 +67,8 @@ class ChatRequest(_message.Message):
     tool_choice: str
     body_json: str
     mock_json: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., body_json: _Optional[str] = ..., mock_json: _Optional[str] = ...) -> None: ...
+    obfuscation: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., body_json: _Optional[str] = ..., mock_json: _Optional[str] = ..., obfuscation: _Optional[bool] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("request_id",)
@@ -123,7 +125,7 @@ class Error(_message.Message):
     def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., status: _Optional[int] = ..., code: _Optional[str] = ..., param: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("request_id", "stream_id", "text", "reasoning", "tool_call", "usage", "finish_reason", "error")
+    __slots__ = ("request_id", "stream_id", "text", "reasoning", "tool_call", "usage", "finish_reason", "error", "obfuscation")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,7 @@ class Event(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    OBFUSCATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     stream_id: str
     text: str
@@ -140,7 +143,8 @@ class Event(_message.Message):
     usage: Usage
     finish_reason: str
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., stream_id: _Optional[str] = ..., text: _Optional[str] = ..., reasoning: _Optional[str] = ..., tool_call: _Optional[_Union[ToolCallDelta, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    obfuscation: bytes
+    def __init__(self, request_id: _Optional[str] = ..., stream_id: _Optional[str] = ..., text: _Optional[str] = ..., reasoning: _Optional[str] = ..., tool_call: _Optional[_Union[ToolCallDelta, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., obfuscation: _Optional[bytes] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("id", "model", "text", "reasoning", "tool_calls", "finish_reason", "usage")

@@ -35,6 +35,7 @@ from tokenrelay.openai_wire import (
     UserPart,
 )
 from tokenrelay.protocol.base import NDJSON_MEDIA, Collected, StreamEncoder, StreamInfo, WireProtocol
+from tokenrelay.protocol.padding import obfuscation_field
 from tokenrelay.protocol.validation import decode_body
 from tokenrelay.request import ChatRequest
 
@@ -255,6 +256,7 @@ class OllamaStreamEncoder(StreamEncoder):
         model = _encode(info.model)
         self._head = b'{"model":' + model + b',"created_at":"'
         self._text_key = b'","response":' if generate else b'","message":{"role":"assistant","content":'
+        self.obfuscate = info.request.obfuscation is True  # opt-in: x-tokenrelay-obfuscation: on
 
     def _line(self, stamp: bytes, body: dict[str, Any]) -> bytes:
         return self._head + stamp + b'",' + _encode(body)[1:] + b"\n"
@@ -278,7 +280,10 @@ class OllamaStreamEncoder(StreamEncoder):
         for ev in batch:
             if type(ev) is TextDelta:
                 close = b',"done":false}\n' if self.generate else b'},"done":false}\n'
-                out.append(self._head + stamp + self._text_key + _encode(ev.text) + close)
+                text = _encode(ev.text)
+                if self.obfuscate:  # an extra top-level field, which the ollama client ignores
+                    close = close[:-2] + obfuscation_field(len(text)) + b"}\n"
+                out.append(self._head + stamp + self._text_key + text + close)
             elif type(ev) is ToolCallDelta:
                 if self.tools.tools and ev.index not in self.tools.tools:
                     self._flush_tools(stamp, out)  # the previous call is complete

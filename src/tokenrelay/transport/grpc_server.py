@@ -28,6 +28,7 @@ from tokenrelay.grpc_api import tokenrelay_pb2 as pb
 from tokenrelay.grpc_api import tokenrelay_pb2_grpc as pb_grpc
 from tokenrelay.protocol import openai_chat
 from tokenrelay.protocol.base import Collected
+from tokenrelay.protocol.padding import padding
 from tokenrelay.request import ChatRequest
 from tokenrelay.session import StreamSession
 
@@ -110,6 +111,8 @@ def to_request(msg: pb.ChatRequest) -> ChatRequest:
         )
     if msg.mock_json:
         body["mock"] = _json_field(msg.mock_json, "mock_json")
+    if msg.obfuscation:
+        body["stream_options"] = {"include_obfuscation": True}
     return openai_chat.decode_request(msgspec.json.encode(body))
 
 
@@ -123,8 +126,11 @@ def _usage(u: Usage) -> pb.Usage:
     )
 
 
-def to_message(request_id: str, stream_id: str, ev: Event) -> pb.Event:
+def to_message(request_id: str, stream_id: str, ev: Event, pad: bool = False) -> pb.Event:
     if type(ev) is TextDelta:
+        if pad:
+            extra = padding(len(ev.text.encode()))
+            return pb.Event(request_id=request_id, stream_id=stream_id, text=ev.text, obfuscation=extra)
         return pb.Event(request_id=request_id, stream_id=stream_id, text=ev.text)
     if type(ev) is ToolCallDelta:
         call = pb.ToolCallDelta(index=ev.index, id=ev.id or "", name=ev.name or "", arguments=ev.arguments)
@@ -172,7 +178,7 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
         try:
             while (batch := await follower.next_batch()) is not None:
                 for ev in batch:
-                    yield to_message(request.request_id, session.id, ev)
+                    yield to_message(request.request_id, session.id, ev, session.request.obfuscation is True)
         finally:
             follower.close()
             self.gateway.client_left(session)  # a no-op once done; else the disconnect policy applies
@@ -222,7 +228,7 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
             try:
                 while (batch := await follower.next_batch()) is not None:
                     for ev in batch:
-                        await out.put(to_message(rid, session.id, ev))
+                        await out.put(to_message(rid, session.id, ev, session.request.obfuscation is True))
                 if session.pre_error is not None:
                     await out.put(to_message(rid, session.id, session.pre_error.to_event()))
             finally:

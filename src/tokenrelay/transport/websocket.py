@@ -29,6 +29,7 @@ from tokenrelay.errors import GatewayError, invalid
 from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from tokenrelay.gateway import Gateway
 from tokenrelay.protocol import openai_chat
+from tokenrelay.protocol.padding import obfuscation_field
 from tokenrelay.session import StreamSession
 from tokenrelay.transport.credentials import credential
 
@@ -56,8 +57,9 @@ def error_message(request_id: str | int | None, err: GatewayError | Error) -> by
     return _encode({"type": "error", "id": request_id, **openai_chat.error_body(err)})
 
 
-def encode_batch(request_id: str | int, batch: list[Event]) -> list[bytes]:
-    """One stream's event batch as WebSocket messages (adjacent text of one kind joined into one)."""
+def encode_batch(request_id: str | int, batch: list[Event], pad: bool = False) -> list[bytes]:
+    """One stream's event batch as WebSocket messages (adjacent text of one kind joined into one); with
+    ``pad``, text messages carry an ``obfuscation`` field (asked with stream_options.include_obfuscation)."""
     rid = _encode(request_id)
     out: list[bytes] = []
     text: list[str] = []
@@ -65,7 +67,9 @@ def encode_batch(request_id: str | int, batch: list[Event]) -> list[bytes]:
 
     def flush() -> None:
         if text:
-            out.append(b'{"type":"' + kind + b'","id":' + rid + b',"text":' + _encode("".join(text)) + b"}")
+            joined = _encode("".join(text))
+            tail = obfuscation_field(len(joined)) + b"}" if pad else b"}"
+            out.append(b'{"type":"' + kind + b'","id":' + rid + b',"text":' + joined + tail)
             text.clear()
 
     usage: Usage | None = None
@@ -130,9 +134,10 @@ class WebSocketChat:
 
     async def follow(self, request_id: str | int, session: StreamSession) -> None:
         follower = session.follow()
+        pad = session.request.obfuscation is True
         try:
             while (batch := await follower.next_batch()) is not None:
-                for message in encode_batch(request_id, batch):
+                for message in encode_batch(request_id, batch, pad):
                     await self.put(message)
             if session.pre_error is not None:
                 await self.put(error_message(request_id, session.pre_error))
