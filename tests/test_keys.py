@@ -424,7 +424,9 @@ def test_records_survive_a_graceful_shutdown(tmp_path: Path) -> None:
     from tokenrelay.store import Store
 
     cfg = tmp_path / "tokenrelay.yaml"
-    cfg.write_text(yaml.safe_dump(keyed_config()))
+    config = keyed_config()
+    config["server"]["audit_bodies"] = True
+    cfg.write_text(yaml.safe_dump(config))
     db = tmp_path / "records.db"
     port = free_port()
     proc = start(
@@ -434,10 +436,9 @@ def test_records_survive_a_graceful_shutdown(tmp_path: Path) -> None:
     )
     try:
         wait_http("127.0.0.1", port, "/readyz", proc, 60)
+        body = {"model": "other", "messages": MESSAGES, "vendor_api_key": "sk-do-not-keep"}
         for _ in range(20):
-            assert (
-                raw_post(port, "/v1/chat/completions", {"model": "other", "messages": MESSAGES}).status == 200
-            )
+            assert raw_post(port, "/v1/chat/completions", body).status == 200
     finally:
         stop(proc)  # SIGTERM at once: the last batch is still queued in the process
 
@@ -451,6 +452,22 @@ def test_records_survive_a_graceful_shutdown(tmp_path: Path) -> None:
 
     count, (checked, problem) = asyncio.run(check())
     assert count == 20 and checked == 20 and problem is None
+    env = {**os.environ, "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{db}"}
+
+    def cli(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "tokenrelay", *args, "--config", str(cfg)],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    rows = [line for line in cli("usage").splitlines() if "other" in line]
+    assert rows and " 20 " in rows[0]  # the table row of model "other": 20 requests
+    bodies = [json.loads(line)["body"] for line in cli("audit", "tail", "-n", "5").splitlines()]
+    assert all(
+        b and "[redacted]" in b and "sk-do-not-keep" not in b and "vendor_api_key" in b for b in bodies
+    )
 
 
 def test_cost_compares_request_and_token_pricing(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,11 +59,19 @@ def record(i: int) -> dict[str, object]:
     }
 
 
+async def insert_row(conn: Any, row: dict[str, Any]) -> None:
+    from sqlalchemy import text
+
+    columns = ", ".join(row)
+    values = ", ".join(":" + c for c in row)
+    await conn.execute(text(f"INSERT INTO audit_records ({columns}) VALUES ({values})"), row)
+
+
 async def tamper_and_verify(url: str) -> list[str | None]:
     """Write a chain, then break it four ways in turn; what ``verify`` says each time."""
     from sqlalchemy import text
 
-    from tokenrelay.records import RecordWriter, verify
+    from tokenrelay.records import RecordWriter, chain_hash, verify
 
     store = Store(url)
     await store.start()
@@ -87,6 +96,9 @@ async def tamper_and_verify(url: str) -> list[str | None]:
             "UPDATE audit_records SET seq = -2 WHERE seq = 2; "
             "UPDATE audit_records SET seq = 2 WHERE seq = 5; "
             "UPDATE audit_records SET seq = 5 WHERE seq = -2",
+            # insert: the rest moved up by one, and a forged record 4 in the gap (filled in below)
+            "UPDATE audit_records SET seq = seq + 100 WHERE seq >= 4; "
+            "UPDATE audit_records SET seq = seq - 99 WHERE seq >= 100",
         ]
         for attack in attacks:
             async with store.engine.begin() as conn:
@@ -95,17 +107,17 @@ async def tamper_and_verify(url: str) -> list[str | None]:
                 )
                 for statement in attack.split("; "):
                     await conn.execute(text(statement))
+                if "seq + 100" in attack:  # a forgery that links to record 3 and carries a right hash
+                    three = dict(next(r for r in saved if r["seq"] == 3))
+                    fields = {k: three[k] for k in three if k not in ("hash", "prev_hash")}
+                    fields.update(seq=4, completion_tokens=999)
+                    forged = {**fields, "prev_hash": three["hash"], "hash": chain_hash(three["hash"], fields)}
+                    await insert_row(conn, forged)
             seen.append((await verify(store))[1])
             async with store.engine.begin() as conn:  # put the chain back for the next attack
                 await conn.execute(text("DELETE FROM audit_records"))
                 for row in saved:
-                    cols = ", ".join(row.keys())
-                    await conn.execute(
-                        text(
-                            f"INSERT INTO audit_records ({cols}) VALUES ({', '.join(':' + c for c in row)})"
-                        ),
-                        dict(row),
-                    )
+                    await insert_row(conn, dict(row))
         seen.append((await verify(store))[1])
     finally:
         await store.close()
@@ -113,7 +125,8 @@ async def tamper_and_verify(url: str) -> list[str | None]:
 
 
 def check_attacks(seen: list[str | None]) -> None:
-    intact, edited, deleted, reordered, restored = seen
+    intact, edited, deleted, reordered, inserted, restored = seen
+    assert inserted is not None and "record 5 does not link" in inserted  # the forgery itself checks out
     assert intact is None and restored is None
     assert edited is not None and "record 3 was edited" in edited
     assert deleted is not None and "record 4 is missing" in deleted
