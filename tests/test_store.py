@@ -139,3 +139,23 @@ def test_audit_chain_detects_tampering_sqlite(tmp_path: Path) -> None:
 
 def test_audit_chain_detects_tampering_postgres(postgres_url: str) -> None:
     check_attacks(asyncio.run(tamper_and_verify(postgres_url)))
+
+
+def test_a_keyed_chain_cannot_be_rebuilt_without_the_key(tmp_path: Path) -> None:
+    from tokenrelay.records import RecordWriter, verify
+
+    async def run() -> tuple[str | None, str | None]:
+        store = Store(f"sqlite+aiosqlite:///{tmp_path / 'keyed.db'}")
+        await store.start()
+        try:
+            writer = RecordWriter(store, b"audit-secret")
+            for i in range(1, 4):
+                writer.add(record(i))
+            await writer.flush()
+            return (await verify(store, b"audit-secret"))[1], (await verify(store))[1]
+        finally:
+            await store.close()
+
+    with_key, without = asyncio.run(run())
+    assert with_key is None
+    assert without is not None and "record 1" in without  # plain SHA-256 over the same data does not match

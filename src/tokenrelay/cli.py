@@ -73,7 +73,8 @@ def audit_verify(config: ConfigOption = None) -> None:
     """Check the whole hash chain; names the first record edited, inserted, deleted or moved."""
     from tokenrelay.records import verify
 
-    checked, problem = _with_store(config, verify)
+    key = os.environ.get(_config_or_exit(config).server.audit_key_env)
+    checked, problem = _with_store(config, lambda store: verify(store, key.encode() if key else None))
     if problem:
         err.print(f"[red]audit trail broken after {checked} good records:[/red] {problem}")
         raise typer.Exit(1)

@@ -138,6 +138,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     admin_key_env: str = "TOKENRELAY_ADMIN_KEY"  # the admin API's credential comes from this variable
     allow_open: bool = False  # serve with no API keys on an address other than loopback
     audit_bodies: bool = False  # keep each request body (secrets redacted) in the audit trail
+    audit_key_env: str = "TOKENRELAY_AUDIT_KEY"  # a secret here makes the audit chain an HMAC chain
     # shared state for several replicas (docs/deployment.md): stream logs go to Redis Streams
     redis_url: str | None = None
     rate_limit_url: str | None = None  # plan limits' storage when not redis_url (redis://...; unset: memory)

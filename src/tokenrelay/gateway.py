@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -66,7 +67,8 @@ class Gateway:
         self.pool: HttpPool | None = None
         self.log: RedisStreamLog | None = None
         self.store = Store(config.server.database_url)
-        self.records = RecordWriter(self.store)
+        audit_key = os.environ.get(config.server.audit_key_env)
+        self.records = RecordWriter(self.store, audit_key.encode() if audit_key else None)
         self.admission = Admission(config, self.store, self.records)
         if config.server.redis_url:
             from tokenrelay.streamlog import RedisStreamLog  # redis loads only when used

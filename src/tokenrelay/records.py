@@ -5,9 +5,10 @@ process flushes what queued every ``FLUSH_SECONDS`` (or at once past ``FLUSH_BAT
 and ``close()`` flushes the rest, so a graceful shutdown loses nothing.
 
 The audit trail is a hash chain: each record's ``hash`` is SHA-256 over the previous record's hash and its
-own canonical fields, so ``verify()`` finds any record edited, inserted, deleted or reordered and names the
-first one that breaks the chain. Replicas sharing a database append under a lock (PostgreSQL ``LOCK
-TABLE``; SQLite serialises writers itself), so the chain stays one line.
+own canonical fields (an HMAC when ``$TOKENRELAY_AUDIT_KEY`` is set), so ``verify()`` finds any record
+edited, inserted, deleted or reordered and names the first one that breaks the chain. Replicas sharing a
+database append under a lock (PostgreSQL ``LOCK TABLE``; SQLite serialises writers itself), so the chain
+stays one line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import time
 from typing import Any
@@ -112,10 +114,14 @@ _AUDIT_FIELDS = (
 )
 
 
-def chain_hash(prev_hash: str, fields: dict[str, Any]) -> str:
-    """The record's link: SHA-256 of the previous hash and the record's canonical JSON."""
-    canonical = msgspec.json.encode(fields, order="sorted")
-    return hashlib.sha256(prev_hash.encode() + canonical).hexdigest()
+def chain_hash(prev_hash: str, fields: dict[str, Any], key: bytes | None = None) -> str:
+    """The record's link: SHA-256 of the previous hash and the record's canonical JSON; with ``key`` (the
+    secret in ``$TOKENRELAY_AUDIT_KEY``) an HMAC, so someone who can write the database but lacks the key
+    cannot rebuild a consistent chain after changing it."""
+    data = prev_hash.encode() + msgspec.json.encode(fields, order="sorted")
+    if key:
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
+    return hashlib.sha256(data).hexdigest()
 
 
 def redact(value: Any) -> Any:
@@ -131,8 +137,9 @@ def redact(value: Any) -> Any:
 
 
 class RecordWriter:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, key: bytes | None = None) -> None:
         self.store = store
+        self.key = key
         self.pending: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -202,15 +209,16 @@ class RecordWriter:
                 seq += 1
                 fields = {c: entry.get(c) for c in _AUDIT_FIELDS if c != "seq"}
                 fields["seq"] = seq
-                record_hash = chain_hash(prev, fields)
+                record_hash = chain_hash(prev, fields, self.key)
                 session.add(AuditRecord(**fields, prev_hash=prev, hash=record_hash))
                 prev = record_hash
         del self.pending[: len(batch)]
         self.written += len(batch)
 
 
-async def verify(store: Store) -> tuple[int, str | None]:
-    """Walk the chain: (records checked, None) when intact, else the first problem, naming the record."""
+async def verify(store: Store, key: bytes | None = None) -> tuple[int, str | None]:
+    """Walk the chain: (records checked, None) when intact, else the first problem, naming the record.
+    ``key`` must be the one the records were written with (none, or ``$TOKENRELAY_AUDIT_KEY``)."""
     prev, expected_seq, checked = GENESIS, 1, 0
     async with store.sessions() as session:
         result = await session.stream_scalars(select(AuditRecord).order_by(AuditRecord.seq))
@@ -223,7 +231,7 @@ async def verify(store: Store) -> tuple[int, str | None]:
                     checked,
                     f"record {record.seq} does not link to record {record.seq - 1} (inserted or reordered)",
                 )
-            if chain_hash(prev, record.fields()) != record.hash:
+            if chain_hash(prev, record.fields(), key) != record.hash:
                 return checked, f"record {record.seq} was edited: its contents do not match its hash"
             prev = record.hash
             expected_seq += 1
