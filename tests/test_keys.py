@@ -386,8 +386,14 @@ def test_budget_stops_requests_once_spent(keyed: tuple[Server, Path]) -> None:
 
 def test_admin_usage_and_the_audit_cli(keyed: tuple[Server, Path], tmp_path: Path) -> None:
     server, cfg = keyed
+    key = new_key(server, "pro")
+    for _ in range(3):
+        chat(server, key)
     status, everyone = admin(server, "GET", "/admin/usage")
-    assert status == 200 and everyone["requests"] > 5
+    assert status == 200 and everyone["requests"] >= 3
+    key_id = next(k["id"] for k in admin(server, "GET", "/admin/keys")[1]["data"] if k["prefix"] == key[:8])
+    status, mine = admin(server, "GET", f"/admin/usage?key_id={key_id}")
+    assert status == 200 and mine["requests"] == 3 and mine["key_id"] == key_id
     database = server.log.parent / (server.log.stem + ".db")
 
     def audit(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
