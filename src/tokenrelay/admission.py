@@ -23,12 +23,12 @@ from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
 
 from tokenrelay.errors import GatewayError
-from tokenrelay.jwt_auth import JwtVerifier, looks_like_jwt
 from tokenrelay.records import RecordWriter
 from tokenrelay.store import ApiKey, Store, key_digest
 
 if TYPE_CHECKING:
     from tokenrelay.config import Config, PlanConfig
+    from tokenrelay.jwt_auth import JwtVerifier
     from tokenrelay.request import ChatRequest
 
 log = logging.getLogger("tokenrelay.admission")
@@ -63,6 +63,10 @@ class Limits:
         self.checks = len(self.requests) + (self.tokens is not None)
 
 
+def looks_like_jwt(secret: bytes) -> bool:
+    return secret.startswith(b"eyJ") and secret.count(b".") == 2
+
+
 def bearer(value: bytes | None) -> bytes | None:
     """The secret in an ``Authorization: Bearer ...`` or ``x-api-key`` value."""
     if value is None:
@@ -89,7 +93,11 @@ class Admission:
         storage = storage_from_string(uri, key_prefix=f"{server.redis_prefix}:limits", **options)
         self.limiter = FixedWindowRateLimiter(storage)
         self.keys: dict[str, ApiKey] = {}  # digest -> active key
-        self.jwt = JwtVerifier(config.jwt_issuers)
+        self.jwt: JwtVerifier | None = None
+        if config.jwt_issuers:
+            from tokenrelay.jwt_auth import JwtVerifier  # PyJWT and cryptography load only when used
+
+            self.jwt = JwtVerifier(config.jwt_issuers)
         self.streams: dict[str, int] = {}  # key id -> live streams on this replica
         self._refresher: asyncio.Task[None] | None = None
         self.loaded = False  # until the keys are read, nobody is admitted (not even "open")
@@ -97,10 +105,11 @@ class Admission:
     @property
     def open(self) -> bool:
         """No keys and no token issuers: every request is admitted without a plan."""
-        return not self.keys and not self.jwt.issuers
+        return not self.keys and self.jwt is None
 
     async def start(self) -> None:
-        await self.jwt.start()
+        if self.jwt is not None:
+            await self.jwt.start()
         await self.refresh()
         self.loaded = True
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
@@ -108,7 +117,8 @@ class Admission:
     async def close(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
-        await self.jwt.close()
+        if self.jwt is not None:
+            await self.jwt.close()
 
     async def refresh(self) -> None:
         self.keys = {k.digest: k for k in await self.store.keys(include_revoked=False)}
@@ -136,7 +146,7 @@ class Admission:
                 type="authentication_error",
                 code="missing_api_key",
             )
-        if self.jwt.issuers and looks_like_jwt(secret):
+        if self.jwt is not None and looks_like_jwt(secret):
             return self.jwt.verify(secret)
         key = self.keys.get(key_digest(secret))
         if key is None:

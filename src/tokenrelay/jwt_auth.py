@@ -37,10 +37,6 @@ UNKNOWN_KID_BACKOFF = 30.0
 CACHE_SIZE = 10_000
 
 
-def looks_like_jwt(secret: bytes) -> bool:
-    return secret.startswith(b"eyJ") and secret.count(b".") == 2
-
-
 def _fetch(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=10) as resp:  # an operator-configured URL
         return dict(msgspec.json.decode(resp.read()))
