@@ -105,6 +105,10 @@ def test_open_until_the_first_key_then_closed(keyed: tuple[Server, Path]) -> Non
     with pytest.raises(openai.AuthenticationError):
         chat(server, "tr-not-a-key")
     chat(server, key)  # the openai SDK sends it as a Bearer token
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+    assert "demo" in [m.id for m in client.models.list()]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="tr-nope", max_retries=0).models.list()
     client = anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0)
     client.messages.create(model="demo", max_tokens=50, messages=MESSAGES)
     with pytest.raises(anthropic.AuthenticationError):

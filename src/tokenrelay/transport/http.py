@@ -349,6 +349,7 @@ class HttpApp:
         return {"id": name, "object": "model", "created": self.gateway.started_at, "owned_by": "tokenrelay"}
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.gateway.admission.authenticate(credential(scope))
         await send_json(
             scope,
             send,
@@ -357,6 +358,7 @@ class HttpApp:
         )
 
     async def model(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.gateway.admission.authenticate(credential(scope))
         name = scope["path"][len("/v1/models/") :]
         if name not in self.gateway.providers:
             raise GatewayError(
@@ -366,6 +368,7 @@ class HttpApp:
 
     async def ollama_tags(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[PROTOCOL] = self.protocols["ollama-chat"]
+        self.gateway.admission.authenticate(credential(scope))
         stamp = datetime.fromtimestamp(self.gateway.started_at, UTC).isoformat().replace("+00:00", "Z")
         models = [
             {
@@ -515,6 +518,7 @@ class HttpApp:
     async def resume(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``GET /v1/streams/{id}?after=N``: the events after N, then the live stream, in its own protocol."""
         t0 = time.perf_counter()
+        self.gateway.admission.authenticate(credential(scope))  # a revoked key resumes nothing
         stream_id = scope["path"][len("/v1/streams/") :]
         session = await self.gateway.find(stream_id, credential_digest(scope))
         if session is None:
