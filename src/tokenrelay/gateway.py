@@ -19,6 +19,7 @@ import msgspec
 from tokenrelay.admission import Admission, Principal
 from tokenrelay.config import Config
 from tokenrelay.events import Error, Event, ReasoningDelta, TextDelta, ToolCallDelta, Usage
+from tokenrelay.metrics import Metrics
 from tokenrelay.providers import build_provider
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.http_base import HttpStreamProvider
@@ -35,6 +36,14 @@ if TYPE_CHECKING:
     from tokenrelay.streamlog import RedisStreamLog, StreamMeta
 
 log = logging.getLogger("tokenrelay")
+
+
+def final_status(session: StreamSession) -> int:
+    """The HTTP status a stream ended with: its pre-stream error's, its error event's, or 200."""
+    if session.pre_error is not None:
+        return session.pre_error.status
+    last = session.events[-1] if session.events else None
+    return last.status if isinstance(last, Error) else 200
 
 
 def delivered_tokens(session: StreamSession) -> tuple[int, int]:
@@ -68,6 +77,8 @@ class Gateway:
         self.log: RedisStreamLog | None = None
         self.store = Store(config.server.database_url)
         audit_key = os.environ.get(config.server.audit_key_env)
+        self.metrics = Metrics()
+        self.metrics.attach(self)
         self.records = RecordWriter(self.store, audit_key.encode() if audit_key else None)
         self.admission = Admission(config, self.store, self.records)
         if config.server.redis_url:
@@ -165,6 +176,8 @@ class Gateway:
             stall_limit=server.client_stall_seconds,
         )
         session.principal = principal
+        if req.model in self.providers:
+            session.batch_gaps = self.metrics.inter_token.labels(req.model)
         if self.log is not None:
             self.log.opened(session)
         self._track(session)
@@ -208,6 +221,7 @@ class Gateway:
             session.gate.release()
             session.gate = None
         prompt, completion = delivered_tokens(session)
+        self._observe(session, completion)
         principal = session.principal
         if principal is not None:
             self.admission.release(principal, prompt + completion)
@@ -224,13 +238,33 @@ class Gateway:
                 break
             self.finished.pop(oldest.id)
 
+    def _observe(self, session: StreamSession, completion: int) -> None:
+        """A finished stream's metrics (metrics.py)."""
+        m = self.metrics
+        req = session.request
+        model, deployment = req.model, session.deployment
+        if model not in self.providers:  # a stream followed from another replica may name any model
+            return
+        last = session.events[-1] if session.events else None
+        m.requests.labels(model, deployment, session.protocol, str(final_status(session))).inc()
+        if isinstance(last, Error):
+            m.errors.labels(model, m.kind(last.type)).inc()
+        elif session.pre_error is not None:
+            m.errors.labels(model, m.kind(session.pre_error.type)).inc()
+        if session.first_token_at is not None:
+            m.first_token.labels(model, deployment, session.protocol).observe(
+                session.first_token_at - session.started_at
+            )
+            elapsed = time.perf_counter() - session.first_token_at
+            if completion > 1 and elapsed > 0:
+                m.tokens_per_second.labels(model, deployment).observe(completion / elapsed)
+        if session.route.failovers:
+            m.failovers.labels(model).inc(session.route.failovers)
+
     def _record(self, session: StreamSession, prompt: int, completion: int) -> dict[str, Any]:
         """The usage and audit record of a finished stream (written later, in a batch)."""
         principal = session.principal
-        last = session.events[-1] if session.events else None
-        status = (
-            session.pre_error.status if session.pre_error else last.status if isinstance(last, Error) else 200
-        )
+        status = final_status(session)
         now = time.perf_counter()
         req = session.request
         encoded = msgspec.json.encode(req)

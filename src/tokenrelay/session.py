@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import TERMINAL, Error, Event
@@ -69,6 +69,7 @@ class StreamSession:
         self.sink = sink
         self.principal: Principal | None = None  # the admitted caller, released when the stream ends
         self.gate: PriorityGate | None = None  # the model's concurrency slot it holds, if capped
+        self.batch_gaps: Any = None  # a histogram observing the time between batches (metrics.py)
         self.accepted = False
         self.done = False
         self.pre_error: GatewayError | None = None
@@ -100,12 +101,17 @@ class StreamSession:
 
     async def _run(self, source: AsyncIterator[list[Event]]) -> None:
         events = self.events
+        last_batch = 0.0
         try:
             async for batch in source:
                 self.accepted = True
                 if batch:
+                    now = time.perf_counter()
                     if self.first_token_at is None:
-                        self.first_token_at = time.perf_counter()
+                        self.first_token_at = now
+                    elif self.batch_gaps is not None:
+                        self.batch_gaps.observe(now - last_batch)
+                    last_batch = now
                     self._append(batch)
                     self._wake()
                     # no break after the last batch: the source returns by itself next, so every

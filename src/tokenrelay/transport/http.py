@@ -60,6 +60,7 @@ STREAM_HEADERS = [
 
 
 STARTED = "tokenrelay.started"
+OVERHEAD = "tokenrelay.overhead"  # seconds the gateway spent on the request before the model was asked
 PROTOCOL = "tokenrelay.protocol"
 COMMON_HEADERS = "tokenrelay.headers"
 
@@ -113,6 +114,15 @@ def encode_numbered(encoder: StreamEncoder, batch: list[Event], before: int) -> 
             cut = 0 if k < 0 else k + 2
             out.append(data[:cut] + b"id: %d\n" % (before + i + 1) + data[cut:])
     return b"".join(out)
+
+
+def route_headers(scope: Scope, session: StreamSession) -> list[tuple[bytes, bytes]]:
+    """Which deployment serves the stream, and the gateway's own time on the request before the model."""
+    overhead = scope.get(OVERHEAD, 0.0)
+    return [
+        (b"x-tokenrelay-deployment", session.deployment.encode()),
+        (b"x-tokenrelay-overhead-ms", b"%.3f" % (overhead * 1000)),
+    ]
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -217,6 +227,7 @@ class HttpApp:
             ("GET", "/readyz"): self.readyz,
             ("GET", "/mock/stats"): self.mock_stats,
             ("GET", "/stats"): self.stats,
+            ("GET", "/metrics"): self.metrics,
             ("GET", "/v1/usage"): self.usage,
             ("GET", "/admin/usage"): self.admin_usage,
             ("GET", "/admin/keys"): self.admin_keys,
@@ -228,7 +239,10 @@ class HttpApp:
         self.common_headers: list[tuple[bytes, bytes]] = (
             [
                 (b"access-control-allow-origin", b"*"),
-                (b"access-control-expose-headers", b"x-stream-id, retry-after"),
+                (
+                    b"access-control-expose-headers",
+                    b"x-stream-id, retry-after, x-tokenrelay-deployment, x-tokenrelay-overhead-ms",
+                ),
             ]
             if self.cors_any
             else []
@@ -392,6 +406,18 @@ class HttpApp:
             raise GatewayError(404, "No mock models are configured.", code="unknown_url")
         await send_json(scope, send, 200, stats)
 
+    async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from tokenrelay.metrics import CONTENT_TYPE
+
+        data = self.gateway.metrics.render()
+        await start_response(
+            scope,
+            send,
+            200,
+            [(b"content-type", CONTENT_TYPE.encode()), (b"content-length", str(len(data)).encode())],
+        )
+        await send({"type": "http.response.body", "body": data})
+
     async def stats(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
         await send_json(
@@ -501,6 +527,9 @@ class HttpApp:
             session = await self.gateway.start_stream(
                 req, credential(scope), protocol.id_prefix, protocol.name
             )
+            overhead = time.perf_counter() - t0
+            scope[OVERHEAD] = overhead
+            self.gateway.metrics.overhead.labels(protocol.name).observe(overhead)
             status = 200
             try:
                 if req.stream:
@@ -519,6 +548,7 @@ class HttpApp:
         """``GET /v1/streams/{id}?after=N``: the events after N, then the live stream, in its own protocol."""
         t0 = time.perf_counter()
         self.gateway.admission.authenticate(credential(scope))  # a revoked key resumes nothing
+        scope[OVERHEAD] = time.perf_counter() - t0
         stream_id = scope["path"][len("/v1/streams/") :]
         session = await self.gateway.find(stream_id, credential_digest(scope))
         if session is None:
@@ -532,6 +562,7 @@ class HttpApp:
             )
         protocol = scope[PROTOCOL] = self.protocols[session.protocol]
         after = resume_point(scope)
+        self.gateway.metrics.resumes.inc()
         status = 200
         try:
             status = await self._stream(scope, protocol, session, receive, send, after=after, resume=True)
@@ -570,6 +601,7 @@ class HttpApp:
                     (b"content-type", protocol.media_type),
                     *STREAM_HEADERS,
                     (b"x-stream-id", session.id.encode()),
+                    *route_headers(scope, session),
                 ],
             )
             req = session.request
@@ -669,7 +701,9 @@ class HttpApp:
             raise session.pre_error
         req = session.request
         body = protocol.complete(StreamInfo(session.id, req.model, session.created, req), session.events)
-        await send_json(scope, send, 200, body, [(b"x-stream-id", session.id.encode())])
+        await send_json(
+            scope, send, 200, body, [(b"x-stream-id", session.id.encode()), *route_headers(scope, session)]
+        )
         return 200
 
     def _log(self, session: StreamSession, protocol: WireProtocol, status: int, t0: float) -> None:

@@ -1,0 +1,72 @@
+"""Prometheus metrics at /metrics, and the routing headers on every model response."""
+
+from __future__ import annotations
+
+import http.client
+from typing import Any
+
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+from tests.conftest import Server, raw_post
+
+MESSAGES: list[Any] = [{"role": "user", "content": "measure me"}]
+
+
+def scrape(gateway: Server) -> dict[str, list[Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type", "").startswith("text/plain")
+    text = resp.read().decode()
+    conn.close()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def value(samples: list[Any], name: str, **labels: str) -> float:
+    return sum(
+        s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_requests_latency_and_failovers_are_counted(gateway: Server) -> None:
+    before = scrape(gateway)
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="k", max_retries=0)
+    list(client.chat.completions.create(model="demo", messages=MESSAGES, stream=True))
+    list(client.chat.completions.create(model="flaky", messages=MESSAGES, stream=True))  # one failover
+    raw_post(
+        gateway.port,
+        "/v1/chat/completions",
+        {"model": "demo", "messages": MESSAGES, "mock": {"error_status": 503}},
+    )
+    after = scrape(gateway)
+
+    def delta(family: str, name: str, **labels: str) -> float:
+        return value(after[family], name, **labels) - value(before.get(family, []), name, **labels)
+
+    ok = {"model": "demo", "deployment": "demo", "protocol": "openai", "status": "200"}
+    assert delta("tokenrelay_requests", "tokenrelay_requests_total", **ok) == 1
+    assert delta("tokenrelay_requests", "tokenrelay_requests_total", model="demo", status="503") == 1
+    assert delta("tokenrelay_first_token_seconds", "tokenrelay_first_token_seconds_count", model="demo") == 1
+    assert delta("tokenrelay_inter_token_seconds", "tokenrelay_inter_token_seconds_count", model="demo") >= 1
+    assert delta("tokenrelay_failovers", "tokenrelay_failovers_total", model="flaky") == 1
+    assert delta("tokenrelay_stream_errors", "tokenrelay_stream_errors_total", model="demo") == 1
+    assert delta("tokenrelay_overhead_seconds", "tokenrelay_overhead_seconds_count", protocol="openai") == 3
+    states = {
+        s.labels["state"]: s.value
+        for s in after["tokenrelay_breaker_state"]
+        if s.labels["deployment"] == "demo"
+    }
+    assert states == {"closed": 1.0, "half-open": 0.0, "open": 0.0}
+    assert value(after["tokenrelay_active_streams"], "tokenrelay_active_streams", model="demo") == 0
+
+
+def test_every_model_response_names_its_deployment_and_overhead(gateway: Server) -> None:
+    # streaming: the deployment serving when the headers went out; non-streaming: the one that finished
+    for body, deployment in (
+        ({"model": "demo", "messages": MESSAGES, "stream": True}, "demo"),
+        ({"model": "flaky", "messages": MESSAGES}, "steady"),
+    ):
+        resp = raw_post(gateway.port, "/v1/chat/completions", body)
+        assert resp.status == 200
+        assert resp.headers["x-tokenrelay-deployment"] == deployment
+        assert 0 <= float(resp.headers["x-tokenrelay-overhead-ms"]) < 1000
