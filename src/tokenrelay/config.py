@@ -21,6 +21,11 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message says where and why."""
 
 
+class TokenPrice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    input: float = 0.0  # per million prompt tokens
+    output: float = 0.0  # per million completion tokens
+
+
 class BreakerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A deployment's circuit breaker: it opens after ``failures`` failures in a row, or when at least
     ``error_rate`` of the last ``window`` requests failed (once ``window`` requests were seen), and lets one
@@ -61,15 +66,12 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_backoff_seconds: float = 0.25
     retry_max_wait_seconds: float = 10.0
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    # what this deployment costs per million tokens: the router's "cost" strategy picks the cheapest
+    price: TokenPrice | None = None
     # priority admission (queueing.py): at most this many streams at once; others wait by plan priority
     max_concurrent: int | None = None
     max_queue_wait_seconds: float = 30.0
     max_queue: int = 1000
-
-
-class TokenPrice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    input: float = 0.0  # per million prompt tokens
-    output: float = 0.0  # per million completion tokens
 
 
 class PlanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -100,6 +102,19 @@ DEFAULT_PLANS: dict[str, dict[str, Any]] = {
     "pro": {"requests_per_day": 1000, "concurrent_streams": 10},
     "premium": {"requests_per_day": 5000, "concurrent_streams": 50, "priority": 2},
 }
+
+
+RouterStrategy = Literal["latency", "cost", "least_busy", "weighted", "priority"]
+
+
+class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A model name that picks one of several deployments per request (router.py)."""
+
+    name: str
+    deployments: list[str]
+    strategy: RouterStrategy = "latency"
+    weights: dict[str, float] = msgspec.field(default_factory=dict)  # strategy weighted (default 1 each)
+    description: str | None = None
 
 
 class JwtIssuer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -156,6 +171,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     models: list[ModelConfig] = msgspec.field(default_factory=list)
     plans: dict[str, PlanConfig] = msgspec.field(default_factory=dict)
     jwt_issuers: list[JwtIssuer] = msgspec.field(default_factory=list)
+    # models that choose among deployments; "router" over every model exists unless one is named so
+    routers: list[RouterConfig] = msgspec.field(default_factory=list)
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:
@@ -218,6 +235,16 @@ def _validate(data: dict[str, Any], source: str) -> Config:
             raise ConfigError(f"{source}: models[{i}] ({m.name}): provider openai needs base_url")
         if m.base_url and not m.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{source}: models[{i}].base_url must start with http:// or https://")
+    for i, router in enumerate(cfg.routers):
+        if router.name in names:
+            raise ConfigError(f"{source}: routers[{i}].name '{router.name}' is also a model's name")
+        if not router.deployments:
+            raise ConfigError(f"{source}: routers[{i}].deployments must name at least one model")
+        for j, dep in enumerate(router.deployments):
+            if dep not in names:
+                raise ConfigError(
+                    f"{source}: routers[{i}].deployments[{j}]: '{dep}' is not a model of this config"
+                )
     for i, issuer in enumerate(cfg.jwt_issuers):
         if not issuer.jwks_url and not issuer.keys:
             raise ConfigError(f"{source}: jwt_issuers[{i}] needs jwks_url or keys")

@@ -235,6 +235,7 @@ async def failover_stream(
                 break
             route.deployment = dep.name
             route.attempts += 1
+            dep.active += 1
             if sent and tries:
                 route.failovers += 1
             tries += 1
@@ -283,6 +284,7 @@ async def failover_stream(
                 attempt += 1
                 await asyncio.sleep(wait or 0.0)
             finally:
+                dep.active -= 1
                 if not settled:
                     dep.breaker.release()  # cancelled mid-attempt: a half-open probe did not conclude
     assert last_error is not None

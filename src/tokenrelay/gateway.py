@@ -61,7 +61,8 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.providers: dict[str, Provider] = {m.name: build_provider(m) for m in config.models}
-        self.router = Router(self.providers)
+        self.router = Router(self.providers, config.routers)
+        self.model_names = frozenset(self.router.names())
         self.gates = {
             m.name: PriorityGate(m.name, m.max_concurrent, m.max_queue_wait_seconds, m.max_queue)
             for m in config.models
@@ -176,7 +177,7 @@ class Gateway:
             stall_limit=server.client_stall_seconds,
         )
         session.principal = principal
-        if req.model in self.providers:
+        if req.model in self.model_names:
             session.batch_gaps = self.metrics.inter_token.labels(req.model)
         if self.log is not None:
             self.log.opened(session)
@@ -243,7 +244,7 @@ class Gateway:
         m = self.metrics
         req = session.request
         model, deployment = req.model, session.deployment
-        if model not in self.providers:  # a stream followed from another replica may name any model
+        if model not in self.model_names:  # a stream followed from another replica may name any model
             return
         last = session.events[-1] if session.events else None
         m.requests.labels(model, deployment, session.protocol, str(final_status(session))).inc()
@@ -256,8 +257,12 @@ class Gateway:
                 session.first_token_at - session.started_at
             )
             elapsed = time.perf_counter() - session.first_token_at
-            if completion > 1 and elapsed > 0:
-                m.tokens_per_second.labels(model, deployment).observe(completion / elapsed)
+            tps = completion / elapsed if completion > 1 and elapsed > 0 else None
+            if tps is not None:
+                m.tokens_per_second.labels(model, deployment).observe(tps)
+            if last is not None and not isinstance(last, Error) and session.route.attempts == 1:
+                # what the router learns: a clean stream served by one deployment from start to end
+                self.router.deployments[deployment].learn(session.first_token_at - session.started_at, tps)
         if session.route.failovers:
             m.failovers.labels(model).inc(session.route.failovers)
 

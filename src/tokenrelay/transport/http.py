@@ -214,6 +214,7 @@ class HttpApp:
         self.routes: dict[tuple[str, str], Handler] = {
             ("POST", "/v1/chat/completions"): chat,
             ("POST", "/chat/completions"): chat,
+            ("POST", "/v1/auto/route"): self.auto_route,
             ("POST", "/v1/messages"): messages,
             ("POST", "/anthropic/v1/messages"): messages,
             ("POST", "/v1/responses"): responses,
@@ -368,13 +369,13 @@ class HttpApp:
             scope,
             send,
             200,
-            {"object": "list", "data": [self._model_card(n) for n in self.gateway.providers]},
+            {"object": "list", "data": [self._model_card(n) for n in self.gateway.router.names()]},
         )
 
     async def model(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.gateway.admission.authenticate(credential(scope))
         name = scope["path"][len("/v1/models/") :]
-        if name not in self.gateway.providers:
+        if name not in self.gateway.model_names:
             raise GatewayError(
                 404, f"The model '{name}' does not exist.", param="model", code="model_not_found"
             )
@@ -544,6 +545,27 @@ class HttpApp:
 
         return handler
 
+    async def auto_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/auto/route``: a Chat Completions body for a router model, answered whole, with the
+        routing decision (the chosen deployment, every candidate and its score)."""
+        protocol = scope[PROTOCOL] = self.default_protocol
+        t0 = time.perf_counter()
+        req = protocol.decode(await read_body(scope, receive, self.server.max_body_bytes))
+        if req.model not in self.gateway.router.routers:
+            names = ", ".join(self.gateway.router.routers)
+            raise invalid(f"'{req.model}' is not a router model. Routers here: {names}.", param="model")
+        req.stream = False
+        session = await self.gateway.start_stream(req, credential(scope), protocol.id_prefix, protocol.name)
+        scope[OVERHEAD] = time.perf_counter() - t0
+        status = 200
+        try:
+            status = await self._complete(scope, protocol, session, receive, send, with_routing=True)
+        except GatewayError as err:
+            status = err.status
+            raise
+        finally:
+            self._log(session, protocol, status, t0)
+
     async def resume(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``GET /v1/streams/{id}?after=N``: the events after N, then the live stream, in its own protocol."""
         t0 = time.perf_counter()
@@ -684,7 +706,13 @@ class HttpApp:
             pass
 
     async def _complete(
-        self, scope: Scope, protocol: WireProtocol, session: StreamSession, receive: Receive, send: Send
+        self,
+        scope: Scope,
+        protocol: WireProtocol,
+        session: StreamSession,
+        receive: Receive,
+        send: Send,
+        with_routing: bool = False,
     ) -> int:
         follower = session.follow()
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
@@ -701,9 +729,11 @@ class HttpApp:
             raise session.pre_error
         req = session.request
         body = protocol.complete(StreamInfo(session.id, req.model, session.created, req), session.events)
-        await send_json(
-            scope, send, 200, body, [(b"x-stream-id", session.id.encode()), *route_headers(scope, session)]
-        )
+        headers = [(b"x-stream-id", session.id.encode()), *route_headers(scope, session)]
+        decision = session.route.decision
+        if with_routing and decision is not None:
+            body = {"response": body, "routing": decision.body(session.deployment)}
+        await send_json(scope, send, 200, body, headers)
         return 200
 
     def _log(self, session: StreamSession, protocol: WireProtocol, status: int, t0: float) -> None:
