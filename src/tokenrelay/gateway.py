@@ -178,7 +178,7 @@ class Gateway:
         )
         session.principal = principal
         if req.model in self.model_names:
-            session.batch_gaps = self.metrics.inter_token.labels(req.model)
+            session.batch_gaps = self.metrics.child(self.metrics.inter_token, req.model)
         if self.log is not None:
             self.log.opened(session)
         self._track(session)
@@ -247,24 +247,24 @@ class Gateway:
         if model not in self.model_names:  # a stream followed from another replica may name any model
             return
         last = session.events[-1] if session.events else None
-        m.requests.labels(model, deployment, session.protocol, str(final_status(session))).inc()
+        m.child(m.requests, model, deployment, session.protocol, str(final_status(session))).inc()
         if isinstance(last, Error):
-            m.errors.labels(model, m.kind(last.type)).inc()
+            m.child(m.errors, model, m.kind(last.type)).inc()
         elif session.pre_error is not None:
-            m.errors.labels(model, m.kind(session.pre_error.type)).inc()
+            m.child(m.errors, model, m.kind(session.pre_error.type)).inc()
         if session.first_token_at is not None:
-            m.first_token.labels(model, deployment, session.protocol).observe(
+            m.child(m.first_token, model, deployment, session.protocol).observe(
                 session.first_token_at - session.started_at
             )
             elapsed = time.perf_counter() - session.first_token_at
             tps = completion / elapsed if completion > 1 and elapsed > 0 else None
             if tps is not None:
-                m.tokens_per_second.labels(model, deployment).observe(tps)
+                m.child(m.tokens_per_second, model, deployment).observe(tps)
             if last is not None and not isinstance(last, Error) and session.route.attempts == 1:
                 # what the router learns: a clean stream served by one deployment from start to end
                 self.router.deployments[deployment].learn(session.first_token_at - session.started_at, tps)
         if session.route.failovers:
-            m.failovers.labels(model).inc(session.route.failovers)
+            m.child(m.failovers, model).inc(session.route.failovers)
 
     def _record(self, session: StreamSession, prompt: int, completion: int) -> dict[str, Any]:
         """The usage and audit record of a finished stream (written later, in a batch)."""

@@ -530,7 +530,8 @@ class HttpApp:
             )
             overhead = time.perf_counter() - t0
             scope[OVERHEAD] = overhead
-            self.gateway.metrics.overhead.labels(protocol.name).observe(overhead)
+            metrics = self.gateway.metrics
+            metrics.child(metrics.overhead, protocol.name).observe(overhead)
             status = 200
             try:
                 if req.stream:
