@@ -70,3 +70,33 @@ def test_every_model_response_names_its_deployment_and_overhead(gateway: Server)
         assert resp.status == 200
         assert resp.headers["x-tokenrelay-deployment"] == deployment
         assert 0 <= float(resp.headers["x-tokenrelay-overhead-ms"]) < 1000
+
+
+def test_every_response_has_the_overhead_header(gateway: Server) -> None:
+    for path in ("/healthz", "/v1/models", "/nope"):
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        assert float(resp.getheader("x-tokenrelay-overhead-ms") or "-1") >= 0, path
+        conn.close()
+
+
+def test_one_json_log_line_per_request_with_its_ids(gateway: Server) -> None:
+    import json as jsonlib
+
+    before = gateway.log.read_bytes().count(b"\n")
+    resp = raw_post(
+        gateway.port,
+        "/v1/chat/completions",
+        {"model": "flaky", "messages": MESSAGES, "stream": True},
+        {"x-request-id": "req-abc-123"},
+    )
+    stream_id = resp.headers["x-stream-id"]
+    lines = gateway.log.read_bytes().splitlines()[before:]
+    mine = [jsonlib.loads(ln) for ln in lines if b"req-abc-123" in ln]
+    assert len(mine) == 1  # one line for the request, none per chunk
+    entry = mine[0]
+    assert entry["stream_id"] == stream_id and entry["request_id"] == "req-abc-123"
+    assert entry["model"] == "flaky" and entry["deployment"] == "steady" and entry["failovers"] == 1
+    assert entry["status"] == 200 and entry["ttft_ms"] is not None

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -74,6 +74,8 @@ class Gateway:
         self.started_at = int(time.time())
         self.startup_errors: dict[str, str] = {}
         self.evicted = 0  # readers dropped for reading too slowly
+        # finished streams of the last minutes, for the dashboard: (time, first token s, tokens/s, failed)
+        self.recent: deque[tuple[float, float | None, float | None, bool]] = deque(maxlen=20_000)
         self.pool: HttpPool | None = None
         self.log: RedisStreamLog | None = None
         self.store = Store(config.server.database_url)
@@ -265,6 +267,26 @@ class Gateway:
                 self.router.deployments[deployment].learn(session.first_token_at - session.started_at, tps)
         if session.route.failovers:
             m.child(m.failovers, model).inc(session.route.failovers)
+        first = session.first_token_at
+        ttft = first - session.started_at if first is not None else None
+        rate = completion / max(1e-6, time.perf_counter() - first) if first is not None else None
+        self.recent.append((time.time(), ttft, rate, final_status(session) >= 400))
+
+    def dashboard(self) -> dict[str, Any]:
+        """What /ui/dashboard shows, over the last minute of finished streams."""
+        now = time.time()
+        window = [r for r in self.recent if r[0] > now - 60]
+        ttfts = sorted(r[1] for r in window if r[1] is not None)
+        rates = [r[2] for r in window if r[2] is not None]
+        return {
+            "ts": now,
+            "active_streams": len(self.streams),
+            "first_token_p50_ms": round(ttfts[len(ttfts) // 2] * 1000, 1) if ttfts else None,
+            "tokens_per_second": round(sum(rates) / len(rates), 1) if rates else None,
+            "errors_last_minute": sum(1 for r in window if r[3]),
+            "requests_last_minute": len(window),
+            "deployments": [d.describe() for d in self.router.deployments.values()],
+        }
 
     def _record(self, session: StreamSession, prompt: int, completion: int) -> dict[str, Any]:
         """The usage and audit record of a finished stream (written later, in a batch)."""

@@ -11,6 +11,7 @@ stream at once unless the request asked for ``on_disconnect: continue``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hmac
 import logging
@@ -18,6 +19,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -60,6 +62,7 @@ STREAM_HEADERS = [
 
 
 STARTED = "tokenrelay.started"
+ARRIVED = "tokenrelay.arrived"  # perf_counter() when the request reached the app
 OVERHEAD = "tokenrelay.overhead"  # seconds the gateway spent on the request before the model was asked
 PROTOCOL = "tokenrelay.protocol"
 COMMON_HEADERS = "tokenrelay.headers"
@@ -117,12 +120,8 @@ def encode_numbered(encoder: StreamEncoder, batch: list[Event], before: int) -> 
 
 
 def route_headers(scope: Scope, session: StreamSession) -> list[tuple[bytes, bytes]]:
-    """Which deployment serves the stream, and the gateway's own time on the request before the model."""
-    overhead = scope.get(OVERHEAD, 0.0)
-    return [
-        (b"x-tokenrelay-deployment", session.deployment.encode()),
-        (b"x-tokenrelay-overhead-ms", b"%.3f" % (overhead * 1000)),
-    ]
+    """Which deployment serves the stream."""
+    return [(b"x-tokenrelay-deployment", session.deployment.encode())]
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -156,9 +155,15 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 
 async def start_response(scope: Scope, send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-    """Every response starts here: it adds the app's common headers (CORS) and marks the response started."""
+    """Every response starts here: it adds the app's common headers (CORS) and the gateway's own time on
+    the request (``x-tokenrelay-overhead-ms``: for model requests, up to asking the model; for the rest, up
+    to the answer), and marks the response started."""
     scope[STARTED] = True
-    await send({"type": "http.response.start", "status": status, "headers": headers + scope[COMMON_HEADERS]})
+    overhead = scope.get(OVERHEAD)
+    if overhead is None:
+        overhead = time.perf_counter() - scope[ARRIVED]
+    headers = [*headers, (b"x-tokenrelay-overhead-ms", b"%.3f" % (overhead * 1000)), *scope[COMMON_HEADERS]]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
 
 
 async def send_json(
@@ -229,6 +234,10 @@ class HttpApp:
             ("GET", "/mock/stats"): self.mock_stats,
             ("GET", "/stats"): self.stats,
             ("GET", "/metrics"): self.metrics,
+            ("GET", "/ui/playground"): self.static("playground.html", b"text/html; charset=utf-8"),
+            ("GET", "/ui/dashboard"): self.static("dashboard.html", b"text/html; charset=utf-8"),
+            ("GET", "/sdk/tokenrelay.js"): self.static("tokenrelay.js", b"text/javascript; charset=utf-8"),
+            ("GET", "/ui/events"): self.ui_events,
             ("GET", "/v1/usage"): self.usage,
             ("GET", "/admin/usage"): self.admin_usage,
             ("GET", "/admin/keys"): self.admin_keys,
@@ -256,7 +265,7 @@ class HttpApp:
             send,
             204,
             [
-                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
                 # the SDKs send their own headers (x-stainless-*, anthropic-beta ...): allow what is asked
                 (
                     b"access-control-allow-headers",
@@ -306,6 +315,7 @@ class HttpApp:
                 return
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[ARRIVED] = time.perf_counter()
         path = scope["path"]
         handler = self.routes.get((scope["method"], path))
         if handler is None and scope["method"] == "GET":
@@ -315,6 +325,8 @@ class HttpApp:
                 handler = self.resume
         elif handler is None and scope["method"] == "DELETE" and path.startswith("/admin/keys/"):
             handler = self.admin_revoke_key
+        elif handler is None and scope["method"] == "DELETE" and path.startswith("/v1/streams/"):
+            handler = self.cancel_stream
         scope[COMMON_HEADERS] = self.common_headers
         if self.cors_origins and not self.cors_any:
             origin = header(scope, b"origin")
@@ -406,6 +418,58 @@ class HttpApp:
         if not stats:
             raise GatewayError(404, "No mock models are configured.", code="unknown_url")
         await send_json(scope, send, 200, stats)
+
+    def static(self, name: str, media_type: bytes) -> Handler:
+        """A page or script shipped in the package (``tokenrelay/ui``), read once."""
+        data = (resources.files("tokenrelay") / "ui" / name).read_bytes()
+
+        async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+            await start_response(
+                scope,
+                send,
+                200,
+                [
+                    (b"content-type", media_type),
+                    (b"content-length", str(len(data)).encode()),
+                    (b"cache-control", b"no-cache"),
+                ],
+            )
+            await send({"type": "http.response.body", "body": data})
+
+        return handler
+
+    async def ui_events(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The dashboard's numbers once a second, as SSE, until the page goes away."""
+        await start_response(scope, send, 200, [(b"content-type", SSE_MEDIA), *STREAM_HEADERS])
+        gone = asyncio.Event()
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, gone.set))
+        try:
+            while not gone.is_set():
+                data = b"data: " + _encode(self.gateway.dashboard()) + b"\n\n"
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(gone.wait(), 1.0)
+        except OSError:
+            pass
+        finally:
+            watcher.cancel()
+
+    async def cancel_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``DELETE /v1/streams/{id}``: stop a stream's model now (the browser SDK's stop button)."""
+        key = credential(scope)
+        self.gateway.admission.authenticate(key)
+        stream_id = scope["path"][len("/v1/streams/") :]
+        session = await self.gateway.find(stream_id, credential_digest(scope))
+        if session is None:
+            raise GatewayError(
+                404,
+                f"No stream '{stream_id}': unknown, expired, or opened with another credential.",
+                param="id",
+                code="stream_not_found",
+            )
+        already_done = session.done
+        session.cancel()
+        await send_json(scope, send, 200, {"id": stream_id, "cancelled": not already_done})
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         from tokenrelay.metrics import CONTENT_TYPE
@@ -542,7 +606,7 @@ class HttpApp:
                 status = err.status
                 raise
             finally:
-                self._log(session, protocol, status, t0)
+                self._log(session, protocol, status, t0, scope)
 
         return handler
 
@@ -565,7 +629,7 @@ class HttpApp:
             status = err.status
             raise
         finally:
-            self._log(session, protocol, status, t0)
+            self._log(session, protocol, status, t0, scope)
 
     async def resume(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``GET /v1/streams/{id}?after=N``: the events after N, then the live stream, in its own protocol."""
@@ -590,7 +654,7 @@ class HttpApp:
         try:
             status = await self._stream(scope, protocol, session, receive, send, after=after, resume=True)
         finally:
-            self._log(session, protocol, status, t0)
+            self._log(session, protocol, status, t0, scope)
 
     async def _stream(
         self,
@@ -737,14 +801,25 @@ class HttpApp:
         await send_json(scope, send, 200, body, headers)
         return 200
 
-    def _log(self, session: StreamSession, protocol: WireProtocol, status: int, t0: float) -> None:
+    def _log(
+        self,
+        session: StreamSession,
+        protocol: WireProtocol,
+        status: int,
+        t0: float,
+        scope: Scope,
+    ) -> None:
+        """One JSON line per request, at its end (none per chunk)."""
         if not access_log.isEnabledFor(logging.INFO):
             return
+        given = header(scope, b"x-request-id")
+        request_id = given.decode("latin-1")[:128] if given else session.id
         ttft = (session.first_token_at - session.started_at) * 1000 if session.first_token_at else None
         access_log.info(
             "request",
             extra={
                 "fields": {
+                    "request_id": request_id,
                     "stream_id": session.id,
                     "model": session.request.model,
                     "protocol": protocol.name,
@@ -752,6 +827,8 @@ class HttpApp:
                     "stream": session.request.stream,
                     "status": status,
                     "events": len(session.events),
+                    "attempts": session.route.attempts,
+                    "failovers": session.route.failovers,
                     "ttft_ms": round(ttft, 2) if ttft is not None else None,
                     "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
                 }

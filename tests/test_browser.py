@@ -1,0 +1,135 @@
+"""The web pages in a real browser: headless Debian Chromium driven by Playwright.
+
+The playground streams from the mock and from the embedded model, its stop button cancels the model, and a
+dropped connection resumes by itself with the exact text; the dashboard shows a stream while it runs.
+Screenshots go to artifacts/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from tests.conftest import ARTIFACTS, Server, raw_post, wait_for
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SLOW = '{"tokens":60,"tokens_per_second":20}'
+
+
+def ensure_chromium() -> None:
+    """Debian's chromium, installed here when missing (root: the CI machine), never silently skipped."""
+    if shutil.which(CHROMIUM):
+        return
+    subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=False, capture_output=True)
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing and could not be installed (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    ensure_chromium()
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    pg = context.new_page()
+    try:
+        yield pg
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        pg.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+        context.close()
+
+
+def whole_text(gateway: Server, mock: str) -> str:
+    import json
+
+    body = {"model": "demo", "messages": [{"role": "user", "content": PROMPT}], "mock": json.loads(mock)}
+    return str(
+        raw_post(gateway.port, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
+    )
+
+
+PROMPT = "Write a short note about streaming."
+
+
+def open_playground(page: Page, gateway: Server, model: str, mock: str | None = None) -> None:
+    query = f"?model={model}" + (f"&mock={mock}" if mock else "")
+    page.goto(f"{gateway.url}/ui/playground{query}")
+    expect(page.locator("#model")).to_have_value(model)
+
+
+def streamed_text(page: Page) -> str:
+    return str(page.locator("#output").get_attribute("data-text") or "")
+
+
+def test_playground_streams_the_mock_token_by_token(page: Page, gateway: Server) -> None:
+    open_playground(page, gateway, "demo", SLOW)
+    page.click("#send")
+    wait_for(lambda: 0 < len(streamed_text(page).split()) < 60)  # part of it shown while it streams
+    expect(page.locator("body")).to_have_attribute("data-state", "idle", timeout=15_000)
+    assert streamed_text(page) == whole_text(gateway, SLOW)
+    expect(page.locator("#status")).to_contain_text("done (stop)")
+    assert page.locator("#output p").count() >= 1  # rendered as Markdown paragraphs
+
+
+def test_playground_streams_the_embedded_model(page: Page, gateway: Server) -> None:
+    open_playground(page, gateway, "tiny")
+    page.fill("#prompt", "What is the capital of France?")
+    page.click("#send")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle", timeout=60_000)
+    assert streamed_text(page).strip()
+    expect(page.locator("#status")).to_contain_text("done")
+
+
+def test_stop_cancels_the_generation(page: Page, gateway: Server) -> None:
+    before = gateway.mock_cancelled()
+    open_playground(page, gateway, "demo", SLOW)
+    page.click("#send")
+    wait_for(lambda: len(streamed_text(page).split()) >= 5)
+    page.click("#stop")
+    gateway.wait_cancelled(before)  # the model stopped, not just the page
+    shown = len(streamed_text(page).split())
+    assert shown < 60
+    expect(page.locator("#status")).to_have_text("stopped")
+
+
+def test_a_dropped_connection_resumes_with_the_exact_text(page: Page, gateway: Server) -> None:
+    open_playground(page, gateway, "demo", SLOW)
+    page.click("#send")
+    wait_for(lambda: len(streamed_text(page).split()) >= 8)
+    page.click("#drop")
+    expect(page.locator("body")).to_have_attribute("data-resumed", "yes", timeout=10_000)
+    expect(page.locator("body")).to_have_attribute("data-state", "idle", timeout=20_000)
+    assert streamed_text(page) == whole_text(gateway, SLOW)  # nothing missing, nothing twice
+
+
+def test_dashboard_shows_a_running_stream(page: Page, gateway: Server) -> None:
+    page.goto(f"{gateway.url}/ui/dashboard")
+    expect(page.locator("#deployments tr[data-deployment='demo']")).to_have_count(1, timeout=5_000)
+    body: dict[str, Any] = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "long"}],
+        "stream": True,
+        "mock": {"tokens": 80, "tokens_per_second": 20},
+    }
+    runner = threading.Thread(target=raw_post, args=(gateway.port, "/v1/chat/completions", body))
+    runner.start()
+    expect(page.locator("#active")).not_to_have_text("0", timeout=5_000)
+    active_row = page.locator("#deployments tr[data-deployment='demo'] td").nth(1)
+    expect(active_row).to_have_text("1", timeout=5_000)
+    runner.join(timeout=15)
+    expect(page.locator("#active")).to_have_text("0", timeout=5_000)
