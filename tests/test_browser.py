@@ -133,3 +133,31 @@ def test_dashboard_shows_a_running_stream(page: Page, gateway: Server) -> None:
     expect(active_row).to_have_text("1", timeout=5_000)
     runner.join(timeout=15)
     expect(page.locator("#active")).to_have_text("0", timeout=5_000)
+
+
+def test_the_sdk_follows_a_stream_with_eventsource(page: Page, gateway: Server) -> None:
+    """EventSource on the resume endpoint: the browser numbers events and reconnects by itself."""
+    resp = raw_post(
+        gateway.port,
+        "/v1/chat/completions",
+        {"model": "demo", "messages": [{"role": "user", "content": PROMPT}], "stream": True},
+    )
+    stream_id = resp.headers["x-stream-id"]
+    page.goto(f"{gateway.url}/ui/playground")
+    text = page.evaluate(
+        """async (id) => {
+            const { TokenRelay } = await import("/sdk/tokenrelay.js");
+            return await new Promise((resolve, reject) => {
+                let text = "";
+                new TokenRelay().follow(id, 3, {
+                    onToken: (t) => { text += t; },
+                    onDone: () => resolve(text),
+                    onError: (e) => reject(new Error(e.message)),
+                });
+            });
+        }""",
+        stream_id,
+    )
+    whole = whole_text(gateway, '{"tokens":12}')
+    words = whole.split(" ")
+    assert text == " ".join(words[3:])  # everything after event 3
