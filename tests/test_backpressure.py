@@ -28,7 +28,7 @@ def gateway_bp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             {
                 "server": {
                     "max_buffered_events": 200,
-                    "client_stall_seconds": 2,
+                    "client_stall_seconds": 4,
                     "disconnect_grace_seconds": 30,
                 },
                 "models": [
@@ -63,10 +63,18 @@ def test_slow_reader_pauses_the_model_then_is_dropped_resumably(gateway_bp: Serv
     )
     # the reader is not reading: once it is 200 events behind, the model is no longer pulled
     wait_for(lambda: stats(gateway_bp)["paused_streams"] == 1, timeout=10)
-    held = stats(gateway_bp)["log_events"]
-    time.sleep(0.5)
-    assert stats(gateway_bp)["log_events"] == held  # bounded: nothing more was generated
-    assert held < FLOOD["tokens"]
+    # the kernel may still grow the socket's send buffer for a moment (autotuning) and take a little more;
+    # then the log stops growing: nothing more is generated while the client does not read
+    readings = [stats(gateway_bp)["log_events"]]
+
+    def settled() -> bool:
+        time.sleep(0.5)
+        readings.append(stats(gateway_bp)["log_events"])
+        return readings[-1] == readings[-2]
+
+    wait_for(settled, timeout=15)
+    assert readings[-1] < FLOOD["tokens"]  # bounded, far from the whole answer
+    assert stats(gateway_bp)["paused_streams"] == 1
     # other streams are not held up by it: one runs to its end while the slow one is still paused
     other = raw_post(gateway_bp.port, "/v1/chat/completions", {**BODY, "model": "demo"})
     assert other.sse_data()[-1] == b"[DONE]"
