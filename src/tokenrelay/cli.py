@@ -25,17 +25,6 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 
 
-async def _count_keys(database_url: str | None) -> int:
-    from tokenrelay.store import Store
-
-    store = Store(database_url)
-    try:
-        await store.start()
-        return len(await store.keys(include_revoked=False))
-    finally:
-        await store.close()
-
-
 def _config_or_exit(path: str | None) -> Any:
     try:
         return load_config(path)
@@ -51,14 +40,12 @@ audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit tra
 app.add_typer(audit_app, name="audit")
 
 
-def _with_store(config: str | None, work: Any) -> Any:
-    """Run ``work(store)`` against the configured database."""
+def _with_store(database_url: str | None, work: Any) -> Any:
+    """Run ``work(store)`` against the database (``server.database_url``; None: the default file)."""
     from tokenrelay.store import Store
 
-    cfg = _config_or_exit(config)
-
     async def run() -> Any:
-        store = Store(cfg.server.database_url)
+        store = Store(database_url)
         try:
             await store.start()
             return await work(store)
@@ -73,8 +60,11 @@ def audit_verify(config: ConfigOption = None) -> None:
     """Check the whole hash chain; names the first record edited, inserted, deleted or moved."""
     from tokenrelay.records import verify
 
-    key = os.environ.get(_config_or_exit(config).server.audit_key_env)
-    checked, problem = _with_store(config, lambda store: verify(store, key.encode() if key else None))
+    server = _config_or_exit(config).server
+    key = os.environ.get(server.audit_key_env)
+    checked, problem = _with_store(
+        server.database_url, lambda store: verify(store, key.encode() if key else None)
+    )
     if problem:
         err.print(f"[red]audit trail broken after {checked} good records:[/red] {problem}")
         raise typer.Exit(1)
@@ -89,7 +79,8 @@ def audit_tail(
     """The latest audit records, one JSON object per line."""
     from tokenrelay.records import tail
 
-    for record in _with_store(config, lambda store: tail(store, count)):
+    database_url = _config_or_exit(config).server.database_url
+    for record in _with_store(database_url, lambda store: tail(store, count)):
         print(json.dumps(record))
 
 
@@ -101,7 +92,7 @@ def usage(
     """Requests, tokens and cost per model, from the usage records."""
     from tokenrelay import records
 
-    body = _with_store(config, lambda store: records.usage(store, key))
+    body = _with_store(_config_or_exit(config).server.database_url, lambda store: records.usage(store, key))
     table = Table("model", "requests", "prompt tokens", "completion tokens", "cost")
     for model, row in [*body["by_model"].items(), ("total", body)]:
         cells = (row["requests"], row["prompt_tokens"], row["completion_tokens"])
@@ -151,8 +142,6 @@ def keys_create(
     config: ConfigOption = None,
 ) -> None:
     """Create a key; its secret is printed once and never stored."""
-    from tokenrelay.store import Store
-
     cfg = _config_or_exit(config)
     if plan not in cfg.plans:
         err.print(f"[red]unknown plan {plan!r}[/red]; plans: {', '.join(cfg.plans)}")
@@ -163,15 +152,9 @@ def keys_create(
         err.print(f"[red]unknown models:[/red] {', '.join(unknown)}")
         raise typer.Exit(2)
 
-    async def run() -> tuple[Any, str]:
-        store = Store(cfg.server.database_url)
-        try:
-            await store.start()
-            return await store.create_key(plan, model_list, budget, name)
-        finally:
-            await store.close()
-
-    key, secret = asyncio.run(run())
+    key, secret = _with_store(
+        cfg.server.database_url, lambda store: store.create_key(plan, model_list, budget, name)
+    )
     err.print(f"created {key.id} (plan {plan}); the key is shown once:")
     print(secret)
 
@@ -182,19 +165,7 @@ def keys_list(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per key")] = False,
 ) -> None:
     """Every key, revoked ones included (never the secrets)."""
-    from tokenrelay.store import Store
-
-    cfg = _config_or_exit(config)
-
-    async def run() -> list[Any]:
-        store = Store(cfg.server.database_url)
-        try:
-            await store.start()
-            return await store.keys()
-        finally:
-            await store.close()
-
-    keys = asyncio.run(run())
+    keys = _with_store(_config_or_exit(config).server.database_url, lambda store: store.keys())
     if as_json:
         for key in keys:
             print(json.dumps(key.public()))
@@ -216,19 +187,7 @@ def keys_list(
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, config: ConfigOption = None) -> None:
     """Revoke a key by id (replicas stop accepting it within seconds)."""
-    from tokenrelay.store import Store
-
-    cfg = _config_or_exit(config)
-
-    async def run() -> bool:
-        store = Store(cfg.server.database_url)
-        try:
-            await store.start()
-            return await store.revoke(key_id)
-        finally:
-            await store.close()
-
-    if not asyncio.run(run()):
+    if not _with_store(_config_or_exit(config).server.database_url, lambda store: store.revoke(key_id)):
         err.print(f"[red]no active key {key_id}[/red]")
         raise typer.Exit(1)
     err.print(f"revoked {key_id}")
@@ -277,7 +236,7 @@ def serve(
     if allow_open:
         server.allow_open = True
     try:
-        active = asyncio.run(_count_keys(server.database_url))
+        active = len(_with_store(server.database_url, lambda store: store.keys(include_revoked=False)))
     except Exception as exc:
         err.print(f"[red]database error:[/red] {server.database_url or 'tokenrelay.db'}: {exc}")
         raise typer.Exit(2) from None
