@@ -224,12 +224,17 @@ class Gateway:
             session.gate.release()
             session.gate = None
         prompt, completion = delivered_tokens(session)
-        self._observe(session, completion)
+        status = final_status(session)
+        first = session.first_token_at
+        ttft = first - session.started_at if first is not None else None
+        elapsed = time.perf_counter() - first if first is not None else 0.0
+        tps = completion / elapsed if completion > 1 and elapsed > 0 else None  # output rate after the first
+        self._observe(session, status, ttft, tps)
         principal = session.principal
         if principal is not None:
             self.admission.release(principal, prompt + completion)
         if self.admission.loaded:
-            self.records.add(self._record(session, prompt, completion))
+            self.records.add(self._record(session, status, ttft, prompt, completion))
         server = self.config.server
         if server.stream_ttl_seconds <= 0 or server.max_finished_streams <= 0:
             return
@@ -241,36 +246,29 @@ class Gateway:
                 break
             self.finished.pop(oldest.id)
 
-    def _observe(self, session: StreamSession, completion: int) -> None:
-        """A finished stream's metrics (metrics.py)."""
+    def _observe(self, session: StreamSession, status: int, ttft: float | None, tps: float | None) -> None:
+        """A finished stream's metrics (metrics.py), what the router learns, and the dashboard's window."""
         m = self.metrics
         req = session.request
         model, deployment = req.model, session.deployment
         if model not in self.model_names:  # a stream followed from another replica may name any model
             return
         last = session.events[-1] if session.events else None
-        m.child(m.requests, model, deployment, session.protocol, str(final_status(session))).inc()
+        m.child(m.requests, model, deployment, session.protocol, str(status)).inc()
         if isinstance(last, Error):
             m.child(m.errors, model, m.kind(last.type)).inc()
         elif session.pre_error is not None:
             m.child(m.errors, model, m.kind(session.pre_error.type)).inc()
-        if session.first_token_at is not None:
-            m.child(m.first_token, model, deployment, session.protocol).observe(
-                session.first_token_at - session.started_at
-            )
-            elapsed = time.perf_counter() - session.first_token_at
-            tps = completion / elapsed if completion > 1 and elapsed > 0 else None
+        if ttft is not None:
+            m.child(m.first_token, model, deployment, session.protocol).observe(ttft)
             if tps is not None:
                 m.child(m.tokens_per_second, model, deployment).observe(tps)
             if last is not None and not isinstance(last, Error) and session.route.attempts == 1:
                 # what the router learns: a clean stream served by one deployment from start to end
-                self.router.deployments[deployment].learn(session.first_token_at - session.started_at, tps)
+                self.router.deployments[deployment].learn(ttft, tps)
         if session.route.failovers:
             m.child(m.failovers, model).inc(session.route.failovers)
-        first = session.first_token_at
-        ttft = first - session.started_at if first is not None else None
-        rate = completion / max(1e-6, time.perf_counter() - first) if first is not None else None
-        self.recent.append((time.time(), ttft, rate, final_status(session) >= 400))
+        self.recent.append((time.time(), ttft, tps, status >= 400))
 
     def dashboard(self) -> dict[str, Any]:
         """What /ui/dashboard shows, over the last minute of finished streams."""
@@ -288,10 +286,11 @@ class Gateway:
             "deployments": [d.describe() for d in self.router.deployments.values()],
         }
 
-    def _record(self, session: StreamSession, prompt: int, completion: int) -> dict[str, Any]:
+    def _record(
+        self, session: StreamSession, status: int, ttft: float | None, prompt: int, completion: int
+    ) -> dict[str, Any]:
         """The usage and audit record of a finished stream (written later, in a batch)."""
         principal = session.principal
-        status = final_status(session)
         now = time.perf_counter()
         req = session.request
         encoded = msgspec.json.encode(req)
@@ -305,9 +304,7 @@ class Gateway:
             "status": status,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
-            "ttft_ms": round((session.first_token_at - session.started_at) * 1000, 3)
-            if session.first_token_at
-            else None,
+            "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
             "duration_ms": round((now - session.started_at) * 1000, 3),
             "cost": principal.plan.cost(req.model, prompt, completion) if principal else 0.0,
             "request_hash": hashlib.sha256(encoded).hexdigest(),
