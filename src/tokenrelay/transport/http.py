@@ -456,20 +456,10 @@ class HttpApp:
 
     async def cancel_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``DELETE /v1/streams/{id}``: stop a stream's model now (the browser SDK's stop button)."""
-        key = credential(scope)
-        self.gateway.admission.authenticate(key)
-        stream_id = scope["path"][len("/v1/streams/") :]
-        session = await self.gateway.find(stream_id, credential_digest(scope))
-        if session is None:
-            raise GatewayError(
-                404,
-                f"No stream '{stream_id}': unknown, expired, or opened with another credential.",
-                param="id",
-                code="stream_not_found",
-            )
+        session = await self._callers_stream(scope)
         already_done = session.done
         session.cancel()
-        await send_json(scope, send, 200, {"id": stream_id, "cancelled": not already_done})
+        await send_json(scope, send, 200, {"id": session.id, "cancelled": not already_done})
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         from tokenrelay.metrics import CONTENT_TYPE
@@ -631,22 +621,27 @@ class HttpApp:
         finally:
             self._log(session, protocol, status, t0, scope)
 
-    async def resume(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """``GET /v1/streams/{id}?after=N``: the events after N, then the live stream, in its own protocol."""
-        t0 = time.perf_counter()
-        self.gateway.admission.authenticate(credential(scope))  # a revoked key resumes nothing
-        scope[OVERHEAD] = time.perf_counter() - t0
+    async def _callers_stream(self, scope: Scope) -> StreamSession:
+        """The stream ``/v1/streams/{id}`` names, if the caller's credential opened it (a revoked key has
+        none). Else 404, the same answer, in the same (default) protocol, for a stream that never was and
+        one opened with another credential: nothing tells a caller that a foreign stream exists."""
+        self.gateway.admission.authenticate(credential(scope))
         stream_id = scope["path"][len("/v1/streams/") :]
         session = await self.gateway.find(stream_id, credential_digest(scope))
         if session is None:
-            # the same answer, in the same (default) protocol, for a stream that never was and one opened
-            # with another credential: nothing tells a caller that a foreign stream exists
             raise GatewayError(
                 404,
                 f"No stream '{stream_id}': unknown, expired, or opened with another credential.",
                 param="id",
                 code="stream_not_found",
             )
+        return session
+
+    async def resume(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /v1/streams/{id}?after=N``: the events after N, then the live stream, in its own protocol."""
+        t0 = time.perf_counter()
+        session = await self._callers_stream(scope)
+        scope[OVERHEAD] = time.perf_counter() - t0
         protocol = scope[PROTOCOL] = self.protocols[session.protocol]
         after = resume_point(scope)
         self.gateway.metrics.resumes.inc()
