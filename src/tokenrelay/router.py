@@ -164,13 +164,14 @@ class Router:
         """The request's event batches with retries and failover; ``sent`` is the stream's log (what the
         client has been sent), read when the stream must continue elsewhere. Raises ``GatewayError`` now for
         an unknown model."""
+        decision = None
         if req.model in self.routers:
             chain, decision = self.order(req)
-            route = route or Route(chain[0].name)
-            route.decision = decision
         else:
             chain = self.chain(req.model)
-        return failover_stream(chain, req, sent, route or Route(chain[0].name))
+        route = route or Route(chain[0].name)
+        route.decision = decision
+        return failover_stream(chain, req, sent, route)
 
     def stats(self) -> dict[str, Any]:
         return {name: d.breaker.stats() for name, d in self.deployments.items()}
