@@ -56,20 +56,8 @@ class UsageRecord(Base):
         return {c: getattr(self, c) for c in _USAGE_COLUMNS}
 
 
-_USAGE_COLUMNS = (
-    "ts",
-    "key_id",
-    "stream_id",
-    "model",
-    "deployment",
-    "protocol",
-    "status",
-    "prompt_tokens",
-    "completion_tokens",
-    "ttft_ms",
-    "duration_ms",
-    "cost",
-)
+# the columns a record is written with (all but the generated id), in the table's order
+_USAGE_COLUMNS = tuple(c.name for c in UsageRecord.__table__.columns if c.name != "id")
 
 
 class AuditRecord(Base):
@@ -96,22 +84,8 @@ class AuditRecord(Base):
         return {c: getattr(self, c) for c in _AUDIT_FIELDS}
 
 
-_AUDIT_FIELDS = (
-    "seq",
-    "ts",
-    "key_id",
-    "stream_id",
-    "model",
-    "deployment",
-    "protocol",
-    "status",
-    "prompt_tokens",
-    "completion_tokens",
-    "ttft_ms",
-    "duration_ms",
-    "request_hash",
-    "body",
-)
+# what a record's hash covers: every column but the links themselves
+_AUDIT_FIELDS = tuple(c.name for c in AuditRecord.__table__.columns if c.name not in ("prev_hash", "hash"))
 
 
 def chain_hash(prev_hash: str, fields: dict[str, Any], key: bytes | None = None) -> str:
