@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     log: Path
     grpc_port: int = 0
+    config: Path | None = None  # the YAML file it was started with
 
     @property
     def url(self) -> str:
@@ -118,6 +120,24 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def serving(
+    tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, name: str = "gateway"
+) -> Iterator[Server]:
+    """A ``tokenrelay serve`` of ``config`` (written to ``tmp/<name>.yaml``, log ``tmp/<name>.log``, key
+    database next to it unless ``env`` names one), ready, and stopped with SIGTERM on the way out."""
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = tmp / f"{name}.log"
+    proc = start(["serve", "--config", str(cfg), "--port", str(port)], log, env)
+    try:
+        wait_http("127.0.0.1", port, "/readyz", proc, 60)
+        yield Server(port, proc, log, config=cfg)
+    finally:
+        stop(proc)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
-from tests.conftest import Server, free_port, raw_post, start, stop, wait_for, wait_http
+from tests.conftest import Server, raw_post, serving, wait_for
 from tests.test_resume import chat_text, events, get
 
 FLOOD = {"tokens": 40000, "tokens_per_second": 20000}
@@ -22,30 +21,19 @@ BODY = {"model": "flood", "stream": True, "messages": [{"role": "user", "content
 @pytest.fixture(scope="module")
 def gateway_bp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("backpressure")
-    cfg = tmp / "tokenrelay.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "server": {
-                    "max_buffered_events": 200,
-                    "client_stall_seconds": 4,
-                    "disconnect_grace_seconds": 30,
-                },
-                "models": [
-                    {"name": "flood", "provider": "mock", "options": FLOOD},
-                    {"name": "demo", "provider": "mock", "options": {"tokens": 12}},
-                ],
-            }
-        )
-    )
-    port = free_port()
-    log = tmp / "gateway.log"
-    proc = start(["serve", "--config", str(cfg), "--port", str(port)], log)
-    try:
-        wait_http("127.0.0.1", port, "/readyz", proc, 60)
-        yield Server(port, proc, log)
-    finally:
-        stop(proc)
+    config = {
+        "server": {
+            "max_buffered_events": 200,
+            "client_stall_seconds": 4,
+            "disconnect_grace_seconds": 30,
+        },
+        "models": [
+            {"name": "flood", "provider": "mock", "options": FLOOD},
+            {"name": "demo", "provider": "mock", "options": {"tokens": 12}},
+        ],
+    }
+    with serving(tmp, config) as server:
+        yield server
 
 
 def stats(server: Server) -> dict[str, int]:

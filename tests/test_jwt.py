@@ -14,10 +14,9 @@ from typing import Any
 import jwt
 import openai
 import pytest
-import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from tests.conftest import Server, free_port, raw_post, start, stop, wait_http
+from tests.conftest import Server, raw_post, serving
 
 ISSUER = "https://auth.test.example/"
 EC_ISSUER = "https://other-idp.test.example/"
@@ -64,40 +63,29 @@ def jwt_gateway(jwks_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     (tmp / "ec.pem").write_bytes(ec_public)
-    cfg = tmp / "tokenrelay.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
+    config = {
+        "plans": {"free": {"requests_per_minute": 2}, "pro": {}},
+        "jwt_issuers": [
             {
-                "plans": {"free": {"requests_per_minute": 2}, "pro": {}},
-                "jwt_issuers": [
-                    {
-                        "issuer": ISSUER,
-                        "audience": "tokenrelay",
-                        "jwks_url": jwks_url,
-                        "algorithms": ["RS256"],
-                    },
-                    {
-                        "issuer": EC_ISSUER,
-                        "keys": [str(tmp / "ec.pem")],
-                        "algorithms": ["ES256"],
-                        "default_plan": "pro",
-                    },
-                ],
-                "models": [
-                    {"name": "demo", "provider": "mock", "options": {"tokens": 5}},
-                    {"name": "other", "provider": "mock", "options": {"tokens": 5}},
-                ],
-            }
-        )
-    )
-    port = free_port()
-    log = tmp / "gateway.log"
-    proc = start(["serve", "--config", str(cfg), "--port", str(port)], log)
-    try:
-        wait_http("127.0.0.1", port, "/readyz", proc, 60)
-        yield Server(port, proc, log)
-    finally:
-        stop(proc)
+                "issuer": ISSUER,
+                "audience": "tokenrelay",
+                "jwks_url": jwks_url,
+                "algorithms": ["RS256"],
+            },
+            {
+                "issuer": EC_ISSUER,
+                "keys": [str(tmp / "ec.pem")],
+                "algorithms": ["ES256"],
+                "default_plan": "pro",
+            },
+        ],
+        "models": [
+            {"name": "demo", "provider": "mock", "options": {"tokens": 5}},
+            {"name": "other", "provider": "mock", "options": {"tokens": 5}},
+        ],
+    }
+    with serving(tmp, config) as server:
+        yield server
 
 
 def token(key: Any = RSA_KEY, alg: str = "RS256", kid: str | None = "rsa-1", **claims: Any) -> str:

@@ -19,7 +19,7 @@ import anthropic
 import openai
 import pytest
 import yaml
-from tests.conftest import ROOT, Server, free_port, raw_post, start, stop, wait_for, wait_http
+from tests.conftest import ROOT, Server, free_port, raw_post, serving, wait_for
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -53,16 +53,9 @@ def keyed_config() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
     tmp = tmp_path_factory.mktemp("keys")
-    cfg = tmp / "tokenrelay.yaml"
-    cfg.write_text(yaml.safe_dump(keyed_config()))
-    port = free_port()
-    log = tmp / "gateway.log"
-    proc = start(["serve", "--config", str(cfg), "--port", str(port)], log, {"TOKENRELAY_ADMIN_KEY": ADMIN})
-    try:
-        wait_http("127.0.0.1", port, "/readyz", proc, 60)
-        yield Server(port, proc, log), cfg
-    finally:
-        stop(proc)
+    with serving(tmp, keyed_config(), {"TOKENRELAY_ADMIN_KEY": ADMIN}) as server:
+        assert server.config is not None
+        yield server, server.config
 
 
 def admin(server: Server, method: str, path: str, body: Any = None, key: str = ADMIN) -> tuple[int, Any]:
@@ -85,6 +78,12 @@ def new_key(server: Server, plan: str, **extra: Any) -> str:
     status, body = admin(server, "POST", "/admin/keys", {"plan": plan, **extra})
     assert status == 201, body
     return str(body["key"])
+
+
+def status_of(server: Server, key: str | None, model: str = "demo") -> int:
+    """The HTTP status of one plain chat request with ``key`` (none: no credential)."""
+    auth = {"authorization": f"Bearer {key}"} if key else {}
+    return raw_post(server.port, "/v1/chat/completions", {"model": model, "messages": MESSAGES}, auth).status
 
 
 def chat(server: Server, key: str | None, model: str = "demo") -> openai.OpenAI:
@@ -192,17 +191,7 @@ def test_concurrent_streams_are_capped(keyed: tuple[Server, Path]) -> None:
     assert info.value.body["code"] == "concurrent_streams"  # type: ignore[index]
     for _ in stream:
         pass
-    wait_for(
-        lambda: (
-            raw_post(
-                server.port,
-                "/v1/chat/completions",
-                {"model": "demo", "messages": MESSAGES},
-                {"authorization": f"Bearer {key}"},
-            ).status
-            == 200
-        )
-    )
+    wait_for(lambda: status_of(server, key) == 200)
 
 
 def test_tokens_per_minute_counts_what_streams_used(keyed: tuple[Server, Path]) -> None:
@@ -250,18 +239,7 @@ def test_cli_keys_reach_the_running_gateway(keyed: tuple[Server, Path]) -> None:
     made = cli("create", "--plan", "pro", "--models", "demo", "--name", "from-cli")
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
-    wait_for(
-        lambda: (
-            raw_post(
-                server.port,
-                "/v1/chat/completions",
-                {"model": "demo", "messages": MESSAGES},
-                {"authorization": f"Bearer {key}"},
-            ).status
-            == 200
-        ),
-        timeout=10,
-    )  # the gateway re-reads keys every few seconds
+    wait_for(lambda: status_of(server, key) == 200, timeout=10)  # the gateway re-reads keys every few seconds
     listed = cli("list")
     assert "from-cli" in listed.stdout and key not in listed.stdout
     rows = [json.loads(line) for line in cli("list", "--json").stdout.splitlines()]
@@ -298,43 +276,19 @@ def test_serving_a_public_address_with_no_keys_is_refused(tmp_path: Path) -> Non
 
 def test_limits_hold_across_replicas_sharing_redis(tmp_path: Path, redis_url: str) -> None:
     """Two replicas, one key database and one Redis: a plan's 3 requests a minute are 3 in all."""
-    cfg = tmp_path / "tokenrelay.yaml"
     config = keyed_config()
     config["server"]["redis_url"] = redis_url
     config["server"]["redis_prefix"] = f"test-{os.getpid()}-{time.monotonic_ns()}"
-    cfg.write_text(yaml.safe_dump(config))
     env = {
         "TOKENRELAY_ADMIN_KEY": ADMIN,
         "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}",
     }
-    servers = []
-    try:
-        for name in ("a", "b"):
-            port = free_port()
-            proc = start(["serve", "--config", str(cfg), "--port", str(port)], tmp_path / f"{name}.log", env)
-            wait_http("127.0.0.1", port, "/readyz", proc, 60)
-            servers.append(Server(port, proc, tmp_path / f"{name}.log"))
-        a, b = servers
+    with serving(tmp_path, config, env, "a") as a, serving(tmp_path, config, env, "b") as b:
         key = new_key(a, "tight")
-        auth = {"authorization": f"Bearer {key}"}
-
-        def post(server: Server) -> int:
-            return raw_post(
-                server.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES}, auth
-            ).status
-
         # B started with no keys, so it ran open; it closes when it next reads the database
-        wait_for(
-            lambda: (
-                raw_post(b.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES}).status
-                == 401
-            )
-        )
-        assert [post(b), post(a), post(a)] == [200, 200, 200]
-        assert post(b) == 429 and post(a) == 429
-    finally:
-        for server in servers:
-            stop(server.proc)
+        wait_for(lambda: status_of(b, None) == 401)
+        assert [status_of(b, key), status_of(a, key), status_of(a, key)] == [200, 200, 200]
+        assert status_of(b, key) == 429 and status_of(a, key) == 429
 
 
 def usage_of(server: Server, key: str) -> dict[str, Any]:
@@ -433,24 +387,16 @@ def test_records_survive_a_graceful_shutdown(tmp_path: Path) -> None:
     from tokenrelay import records
     from tokenrelay.store import Store
 
-    cfg = tmp_path / "tokenrelay.yaml"
     config = keyed_config()
     config["server"]["audit_bodies"] = True
-    cfg.write_text(yaml.safe_dump(config))
     db = tmp_path / "records.db"
-    port = free_port()
-    proc = start(
-        ["serve", "--config", str(cfg), "--port", str(port)],
-        tmp_path / "gateway.log",
-        {"TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{db}"},
-    )
-    try:
-        wait_http("127.0.0.1", port, "/readyz", proc, 60)
+    with serving(tmp_path, config, {"TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{db}"}) as server:
         body = {"model": "other", "messages": MESSAGES, "vendor_api_key": "sk-do-not-keep"}
         for _ in range(20):
-            assert raw_post(port, "/v1/chat/completions", body).status == 200
-    finally:
-        stop(proc)  # SIGTERM at once: the last batch is still queued in the process
+            assert raw_post(server.port, "/v1/chat/completions", body).status == 200
+    # leaving serving() sent SIGTERM at once: the last batch was still queued in the process
+    cfg = server.config
+    assert cfg is not None
 
     async def check() -> tuple[int, tuple[int, str | None]]:
         store = Store(f"sqlite+aiosqlite:///{db}")

@@ -8,8 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
-from tests.conftest import Server, free_port, raw_post, start, stop, wait_for, wait_http
+from tests.conftest import Server, raw_post, serving, wait_for
 from tests.test_keys import ADMIN, new_key
 
 MESSAGES: list[Any] = [{"role": "user", "content": "queue me"}]
@@ -18,33 +17,22 @@ MESSAGES: list[Any] = [{"role": "user", "content": "queue me"}]
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("queue")
-    cfg = tmp / "tokenrelay.yaml"
     slow = {"tokens": 10, "tokens_per_second": 25}  # 0.4 s a stream
-    cfg.write_text(
-        yaml.safe_dump(
+    config = {
+        "plans": {"low": {}, "high": {"priority": 2}},
+        "models": [
+            {"name": "capped", "provider": "mock", "options": slow, "max_concurrent": 1},
             {
-                "plans": {"low": {}, "high": {"priority": 2}},
-                "models": [
-                    {"name": "capped", "provider": "mock", "options": slow, "max_concurrent": 1},
-                    {
-                        "name": "impatient",
-                        "provider": "mock",
-                        "options": slow,
-                        "max_concurrent": 1,
-                        "max_queue_wait_seconds": 0.2,
-                    },
-                ],
-            }
-        )
-    )
-    port = free_port()
-    log = tmp / "gateway.log"
-    proc = start(["serve", "--config", str(cfg), "--port", str(port)], log, {"TOKENRELAY_ADMIN_KEY": ADMIN})
-    try:
-        wait_http("127.0.0.1", port, "/readyz", proc, 60)
-        yield Server(port, proc, log)
-    finally:
-        stop(proc)
+                "name": "impatient",
+                "provider": "mock",
+                "options": slow,
+                "max_concurrent": 1,
+                "max_queue_wait_seconds": 0.2,
+            },
+        ],
+    }
+    with serving(tmp, config, {"TOKENRELAY_ADMIN_KEY": ADMIN}) as server:
+        yield server
 
 
 def test_waiters_are_served_by_priority_then_arrival(capped: Server) -> None:

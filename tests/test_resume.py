@@ -9,8 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
-from tests.conftest import Server, free_port, raw_post, start, stop, wait_http
+from tests.conftest import Server, raw_post, serving
 
 SLOW = {"tokens": 30, "tokens_per_second": 60}
 
@@ -168,16 +167,9 @@ def test_resume_in_the_streams_own_protocol(gateway: Server, path: str) -> None:
 def short_grace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A gateway whose streams outlive their client by default, for 0.4 s."""
     tmp = tmp_path_factory.mktemp("grace")
-    cfg = tmp / "config.yaml"
     server = {"on_disconnect": "continue", "disconnect_grace_seconds": 0.4}
-    cfg.write_text(yaml.safe_dump({"server": server, "models": [{"name": "demo", "provider": "mock"}]}))
-    port = free_port()
-    proc = start(["serve", "--config", str(cfg), "--port", str(port)], tmp / "gateway.log")
-    try:
-        wait_http("127.0.0.1", port, "/readyz", proc, 60)
-        yield Server(port, proc, tmp / "gateway.log")
-    finally:
-        stop(proc)
+    with serving(tmp, {"server": server, "models": [{"name": "demo", "provider": "mock"}]}) as gateway:
+        yield gateway
 
 
 def test_grace_period_then_cancel(short_grace: Server) -> None:

@@ -10,8 +10,7 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
-from tests.conftest import Server, free_port, raw_post, start, stop, wait_for, wait_http
+from tests.conftest import Server, raw_post, serving, wait_for
 
 MESSAGES: list[Any] = [{"role": "user", "content": "route me"}]
 
@@ -19,40 +18,29 @@ MESSAGES: list[Any] = [{"role": "user", "content": "route me"}]
 @pytest.fixture(scope="module")
 def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("router")
-    cfg = tmp / "tokenrelay.yaml"
     mock = {"tokens": 6, "tokens_per_second": 100}
     dear, low = {"input": 5, "output": 15}, {"input": 0.1, "output": 0.4}
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "models": [
-                    {"name": "sluggish", "provider": "mock", "options": {**mock, "first_token_ms": 300}},
-                    {"name": "quick", "provider": "mock", "options": {**mock, "first_token_ms": 10}},
-                    {"name": "pricey", "provider": "mock", "options": mock, "price": dear},
-                    {"name": "cheap", "provider": "mock", "options": mock, "price": low},
-                    {"name": "long", "provider": "mock", "options": {"tokens": 40, "tokens_per_second": 20}},
-                    {"name": "broken", "provider": "mock", "options": {"error_status": 500}, "retries": 0,
-                     "breaker": {"failures": 1, "cooldown_seconds": 60}},
-                ],
-                "routers": [
-                    {"name": "fastest", "deployments": ["sluggish", "quick"], "strategy": "latency"},
-                    {"name": "cheapest", "deployments": ["pricey", "cheap"], "strategy": "cost"},
-                    {"name": "spread", "deployments": ["long", "quick"], "strategy": "least_busy"},
-                    {"name": "mostly", "deployments": ["pricey", "cheap"], "strategy": "weighted",
-                     "weights": {"pricey": 0.000001, "cheap": 1}},
-                    {"name": "ordered", "deployments": ["broken", "quick"], "strategy": "priority"},
-                ],
-            }
-        )
-    )  # fmt: skip
-    port = free_port()
-    log = tmp / "gateway.log"
-    proc = start(["serve", "--config", str(cfg), "--port", str(port)], log)
-    try:
-        wait_http("127.0.0.1", port, "/readyz", proc, 60)
-        yield Server(port, proc, log)
-    finally:
-        stop(proc)
+    config = {
+        "models": [
+            {"name": "sluggish", "provider": "mock", "options": {**mock, "first_token_ms": 300}},
+            {"name": "quick", "provider": "mock", "options": {**mock, "first_token_ms": 10}},
+            {"name": "pricey", "provider": "mock", "options": mock, "price": dear},
+            {"name": "cheap", "provider": "mock", "options": mock, "price": low},
+            {"name": "long", "provider": "mock", "options": {"tokens": 40, "tokens_per_second": 20}},
+            {"name": "broken", "provider": "mock", "options": {"error_status": 500}, "retries": 0,
+             "breaker": {"failures": 1, "cooldown_seconds": 60}},
+        ],
+        "routers": [
+            {"name": "fastest", "deployments": ["sluggish", "quick"], "strategy": "latency"},
+            {"name": "cheapest", "deployments": ["pricey", "cheap"], "strategy": "cost"},
+            {"name": "spread", "deployments": ["long", "quick"], "strategy": "least_busy"},
+            {"name": "mostly", "deployments": ["pricey", "cheap"], "strategy": "weighted",
+             "weights": {"pricey": 0.000001, "cheap": 1}},
+            {"name": "ordered", "deployments": ["broken", "quick"], "strategy": "priority"},
+        ],
+    }  # fmt: skip
+    with serving(tmp, config) as server:
+        yield server
 
 
 def served_by(server: Server, model: str, **extra: Any) -> str:
