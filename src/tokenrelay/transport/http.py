@@ -93,6 +93,17 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
+def choice_header(scope: Scope, name: str, allowed: tuple[str, str]) -> str | None:
+    """A header that must be one of two words, or None when absent; anything else is a 400 naming it."""
+    raw = header(scope, name.encode())
+    if raw is None:
+        return None
+    value = raw.decode("latin-1")
+    if value not in allowed:
+        raise invalid(f"{name} must be '{allowed[0]}' or '{allowed[1]}'.", param=name)
+    return value
+
+
 def resume_point(scope: Scope) -> int:
     """Where to resume: after ``Last-Event-ID`` (an EventSource reconnecting), else after ``after``."""
     raw = header(scope, b"last-event-id")
@@ -563,22 +574,13 @@ class HttpApp:
             t0 = time.perf_counter()
             body = await read_body(scope, receive, self.server.max_body_bytes)
             req = protocol.decode(body)
-            policy = header(scope, b"x-tokenrelay-on-disconnect")
+            # any protocol can ask, even those without stream_options (Anthropic, Responses, Ollama)
+            policy = choice_header(scope, "x-tokenrelay-on-disconnect", ("cancel", "continue"))
             if policy is not None:
-                # any protocol can ask, even those without stream_options (Anthropic, Responses, Ollama)
-                if policy not in (b"cancel", b"continue"):
-                    raise invalid(
-                        "x-tokenrelay-on-disconnect must be 'cancel' or 'continue'.",
-                        param="x-tokenrelay-on-disconnect",
-                    )
-                req.on_disconnect = policy.decode()
-            padding = header(scope, b"x-tokenrelay-obfuscation")
+                req.on_disconnect = policy
+            padding = choice_header(scope, "x-tokenrelay-obfuscation", ("on", "off"))
             if padding is not None:
-                if padding not in (b"on", b"off"):
-                    raise invalid(
-                        "x-tokenrelay-obfuscation must be 'on' or 'off'.", param="x-tokenrelay-obfuscation"
-                    )
-                req.obfuscation = padding == b"on"
+                req.obfuscation = padding == "on"
             session = await self.gateway.start_stream(
                 req, credential(scope), protocol.id_prefix, protocol.name
             )
