@@ -73,12 +73,10 @@ class StreamSession:
         self.accepted = False
         self.done = False
         self.pre_error: GatewayError | None = None
-        self.followers = 0
         self.readers: set[Follower] = set()
         self.max_buffered = max_buffered
         self.stall_limit = stall_limit
         self.paused: asyncio.Future[None] | None = None
-        self.pauses = 0
         self._grace: asyncio.TimerHandle | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._loop = asyncio.get_running_loop()
@@ -155,7 +153,6 @@ class StreamSession:
     async def _backpressure(self) -> None:
         """Stop pulling from the provider while a reader is too far behind; drop it if it stalls."""
         while lagging := self._lagging():
-            self.pauses += 1
             fut = self.paused = self._loop.create_future()
             handle = self._loop.call_later(self.stall_limit, _wake_all, [fut])
             try:
@@ -185,7 +182,7 @@ class StreamSession:
         """A client stopped reading. With no reader left, ``cancel`` stops the model now and ``continue``
         lets it run for ``grace`` seconds, so a resume gets everything; a reader that comes back in time
         keeps it going."""
-        if self.followers > 0 or self.done:
+        if self.readers or self.done:
             return
         if policy == "cancel" or grace <= 0:
             self.cancel()
@@ -194,7 +191,7 @@ class StreamSession:
 
     def _grace_over(self) -> None:
         self._grace = None
-        if self.followers == 0:
+        if not self.readers:
             self.cancel()
 
     async def wait_started(self, patience: float) -> None:
@@ -241,7 +238,6 @@ class Follower:
         self.last_write = self.progress_at = self._loop.time()
         self._fut: asyncio.Future[None] | None = None
         self._timer = self._loop.call_at(self.last_write + keepalive, self._tick) if keepalive else None
-        session.followers += 1
         session.readers.add(self)
 
     def _tick(self) -> None:
@@ -299,7 +295,6 @@ class Follower:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.session.followers -= 1
         self.session.readers.discard(self)
         if self.session.paused is not None:
             self.session.reader_progress()
