@@ -175,10 +175,11 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
             await _abort(context, err)
             return
         follower = session.follow()
+        pad = session.request.obfuscation is True
         try:
             while (batch := await follower.next_batch()) is not None:
                 for ev in batch:
-                    yield to_message(request.request_id, session.id, ev, session.request.obfuscation is True)
+                    yield to_message(request.request_id, session.id, ev, pad)
         finally:
             follower.close()
             self.gateway.client_left(session)  # a no-op once done; else the disconnect policy applies
@@ -225,10 +226,11 @@ class TokenRelayService(pb_grpc.TokenRelayServicer):
 
         async def follow(rid: str, session: StreamSession) -> None:
             follower = session.follow()
+            pad = session.request.obfuscation is True
             try:
                 while (batch := await follower.next_batch()) is not None:
                     for ev in batch:
-                        await out.put(to_message(rid, session.id, ev, session.request.obfuscation is True))
+                        await out.put(to_message(rid, session.id, ev, pad))
                 if session.pre_error is not None:
                     await out.put(to_message(rid, session.id, session.pre_error.to_event()))
             finally:
