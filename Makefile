@@ -44,8 +44,8 @@ test: $(STAMPS)/install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMPS)/install-test
-	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
-	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff check src tests examples $(wildcard benchmarks)
+	$(VENV)/bin/ruff format --check src tests examples $(wildcard benchmarks)
 	$(VENV)/bin/mypy
 
 bench: $(STAMPS)/install-test
