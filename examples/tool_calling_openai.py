@@ -7,8 +7,8 @@ as it arrives (the first fragment of a call carries its id and name, the later o
 JSON arguments), then the assembled arguments. The example then runs the tool (a made-up forecast) and
 sends the result back, streaming the model's final answer: the whole round trip.
 
-The model must support tools: an OpenAI or Anthropic upstream does, the embedded ``tiny`` model refuses
-them with a 400. With ``TOKENRELAY_MOCK_TOOLS=1`` the request also asks tokenrelay's mock model
+A model may also answer without calling the tool (``tool_choice`` is left at ``auto``); the example then
+stops after that answer. With ``TOKENRELAY_MOCK_TOOLS=1`` the request also asks tokenrelay's mock model
 (docs/mock.md) to call the tool, which is how tests and demos run this without a real model. Environment:
 ``TOKENRELAY_URL`` (default http://127.0.0.1:8080), ``TOKENRELAY_MODEL`` (default ``tiny``),
 ``TOKENRELAY_API_KEY`` (when the gateway has keys), ``TOKENRELAY_MOCK_TOOLS``.
