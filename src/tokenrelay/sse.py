@@ -14,6 +14,7 @@ from typing import NamedTuple
 class SSEEvent(NamedTuple):
     event: str | None
     data: bytes
+    id: str | None = None  # the last ``id:`` field of the event (tokenrelay's resume endpoint numbers events)
 
 
 class SSEError(Exception):
@@ -61,6 +62,7 @@ class SSEParser:
 
 def _parse_block(block: bytes) -> SSEEvent | None:
     name: str | None = None
+    event_id: str | None = None
     data: list[bytes] = []
     for line in block.split(b"\n"):
         if not line or line.startswith(b":"):
@@ -72,6 +74,8 @@ def _parse_block(block: bytes) -> SSEEvent | None:
             data.append(value)
         elif field == b"event":
             name = value.decode("utf-8", "replace")
+        elif field == b"id":
+            event_id = value.decode("utf-8", "replace")
     if not data:
         return None
-    return SSEEvent(name, b"\n".join(data))
+    return SSEEvent(name, b"\n".join(data), event_id)
