@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import functools
 import http.server
+import itertools
 import json
 import os
 import re
@@ -21,8 +22,10 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
+from tests.chaos_proxy import ChaosProxy
 from tests.conftest import ARTIFACTS, ROOT, Server, raw_post
 from tests.test_browser import CHROMIUM, FLAGS, ensure_chromium
+from tests.test_client import contained
 
 EXAMPLES = ROOT / "examples"
 MODEL = "demo"  # the mock: fast, and the same prompt always gives the same text
@@ -222,6 +225,51 @@ def test_tool_calling_asks_the_mock_only_when_told(gateway: Server) -> None:
     text, finish, _ = answer(reference(gateway, prompt))
     out = run_example(gateway, "tool_calling_openai.py", prompt)
     assert out == f"{text}\nfinish_reason: {finish}\n"
+
+
+def test_client_resume_survives_its_own_dropped_connections(gateway: Server) -> None:
+    prompt = "Tell me about rivers."
+    mock = {"tokens": 40, "tokens_per_second": 50}
+    text, finish, usage = answer(reference(gateway, prompt, max_tokens=200, mock=mock))
+    env = {"TOKENRELAY_MOCK": json.dumps(mock), "TOKENRELAY_DROP_EVERY": "5"}
+    lines = run_example(gateway, "client_resume.py", prompt, env=env).splitlines()
+    assert lines[0] == text  # nothing missing, nothing twice, across the drops
+    assert lines[1] == f"state: finished, finish_reason: {finish}"
+    assert (
+        lines[2] == f"usage: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens"
+    )
+    resumed = re.fullmatch(r"resumed (\d+) times \(stream chatcmpl-\S+\)", lines[3])
+    assert resumed is not None
+    assert int(resumed[1]) >= 3
+
+
+def test_client_tools_shows_the_arguments_taking_shape(gateway: Server) -> None:
+    prompt = "What is the weather in Paris?"
+    arguments = {"city": "Paris", "days": 3, "units": {"temperature": "celsius"}}
+    mock = {"tool_calls": [{"name": "get_forecast", "arguments": arguments}], "tool_chunk_chars": 6}
+    tools = [{"type": "function", "function": {"name": "get_forecast", "parameters": {"type": "object"}}}]
+    text, finish, _ = answer(reference(gateway, prompt, tools=tools, mock=mock))
+    lines = run_example(gateway, "client_tools.py", prompt, env={"TOKENRELAY_MOCK_TOOLS": "1"}).splitlines()
+    pieces = [ast.literal_eval(ln.removeprefix("text: ")) for ln in lines if ln.startswith("text: ")]
+    assert "".join(pieces) == text
+    assert "tool call 0: get_forecast" in lines
+    partials = [json.loads(ln.removeprefix("  partial: ")) for ln in lines if ln.startswith("  partial: ")]
+    assert len(partials) > 4
+    grown = [p for p in partials if p is not None]
+    assert all(contained(a, b) for a, b in itertools.pairwise(grown))  # it only ever grows ...
+    assert grown[-1] == arguments  # ... into the whole call
+    assert f"call get_forecast({json.dumps(arguments)})" in lines
+    assert lines[-1] == f"finish_reason: {finish}" == "finish_reason: tool_calls"
+
+
+def test_openai_resume_survives_connections_cut_at_random(gateway: Server) -> None:
+    prompt = "Tell me about rivers."
+    text, finish, _ = answer(reference(gateway, prompt, max_tokens=200))
+    with ChaosProxy(gateway.port, seed=3, cut_bytes=(150, 1200)) as proxy:
+        # the example, unchanged, talks to the gateway through a proxy that cuts each connection
+        out = run_example(gateway, "openai_resume.py", prompt, env={"TOKENRELAY_URL": proxy.url})
+    assert out == f"{text}\nfinish_reason: {finish}\n"
+    assert proxy.cuts >= 2
 
 
 def test_readme_lists_every_example() -> None:

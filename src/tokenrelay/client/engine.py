@@ -79,8 +79,9 @@ class Retry:
     """When to try again.
 
     Before the first token, a connection error or a 408/409/425/429/5xx is retried ``max_retries`` times.
-    After it, a dropped connection is resumed (tokenrelay only) up to ``max_resumes`` times per stream.
-    Attempt n waits a random time up to ``backoff * 2**n`` (full jitter, at most ``max_backoff``) and at
+    After it, a dropped connection is resumed (tokenrelay only): at once when something arrived since the
+    last resume, else with the same backoff, giving up after ``max_resumes`` resumes in a row that delivered
+    nothing. Attempt n waits a random time up to ``backoff * 2**n`` (full jitter, at most ``max_backoff``) and at
     least the server's ``Retry-After``; an error asking for longer than ``max_retry_after`` is raised instead.
     """
 
@@ -265,6 +266,8 @@ class ChatState:
         self.done = False
         self.started = False  # a delta arrived
         self.cancel_sent = False
+        self.resumed_at = 0  # the cursor at the last resume
+        self.stalled_resumes = 0  # resumes in a row with nothing delivered in between
         self.sent_at = time.monotonic()
         self.last_delta_at = self.sent_at
         self._text: list[str] = []
@@ -431,11 +434,12 @@ def _connect(
             ):
                 raise st.fail(status)
             error = status
-        used = st.result.resumes if resuming else st.result.retries
+        used = st.stalled_resumes if resuming else st.result.retries
         if used >= (retry.max_resumes if resuming else retry.max_retries):
             raise st.fail(error)
         yield Sleep(retry.delay(used, retry_after, cfg.rng))
         if resuming:
+            st.stalled_resumes += 1
             st.result.resumes += 1
         else:
             st.result.retries += 1
@@ -502,11 +506,19 @@ def _reconnect(
     """After a drop: the request that continues the stream (None: resumed already), or raise."""
     retry = cfg.retry
     if st.result.resumable:
-        if st.result.resumes >= retry.max_resumes:
+        # a drop after progress is resumed at once; drops with nothing delivered in between back off
+        if st.cursor > st.resumed_at:
+            st.resumed_at, st.stalled_resumes = st.cursor, 0
+        if st.stalled_resumes >= retry.max_resumes:
             raise st.fail(
-                StreamInterrupted(f"gave up after {st.result.resumes} resumes; last drop: {reason}")
+                StreamInterrupted(
+                    f"gave up after {st.stalled_resumes} resumes in a row with nothing delivered "
+                    f"({st.result.resumes} in all); last drop: {reason}"
+                )
             )
-        yield Sleep(retry.delay(st.result.resumes, None, cfg.rng))
+        if st.stalled_resumes:
+            yield Sleep(retry.delay(st.stalled_resumes - 1, None, cfg.rng))
+        st.stalled_resumes += 1
         st.result.resumes += 1
         st.reopen()
         yield from _connect(cfg, st, _resume_request(cfg, st), resuming=True)
