@@ -7,6 +7,7 @@ Screenshots go to artifacts/.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
@@ -55,8 +56,6 @@ def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
 
 
 def whole_text(gateway: Server, mock: str) -> str:
-    import json
-
     body = {"model": "demo", "messages": [{"role": "user", "content": PROMPT}], "mock": json.loads(mock)}
     return str(
         raw_post(gateway.port, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
@@ -161,3 +160,56 @@ def test_the_sdk_follows_a_stream_with_eventsource(page: Page, gateway: Server) 
     whole = whole_text(gateway, '{"tokens":12}')
     words = whole.split(" ")
     assert text == " ".join(words[3:])  # everything after event 3
+
+
+def test_the_sdk_reports_a_refused_follow(page: Page, gateway: Server) -> None:
+    """EventSource cannot see a 404; the SDK turns the closed source into an onError call."""
+    page.goto(f"{gateway.url}/ui/playground")
+    error = page.evaluate(
+        """async () => {
+            const { TokenRelay } = await import("/sdk/tokenrelay.js");
+            return await new Promise((resolve) => {
+                new TokenRelay().follow("chatcmpl-no-such-stream", 0, {
+                    onDone: () => resolve({ type: "unexpected done" }),
+                    onError: (e) => resolve(e),
+                });
+            });
+        }"""
+    )
+    assert error["type"] == "stream_not_found"
+    assert "chatcmpl-no-such-stream" in error["message"]
+
+
+def test_the_sdk_resolves_done_with_the_result_and_stops_on_abort(page: Page, gateway: Server) -> None:
+    page.goto(f"{gateway.url}/ui/playground")
+    messages = [{"role": "user", "content": PROMPT}]
+    finished = page.evaluate(
+        """async (body) => {
+            const { TokenRelay } = await import("/sdk/tokenrelay.js");
+            return await new TokenRelay().chat(body).done;
+        }""",
+        {"model": "demo", "messages": messages, "mock": {"tokens": 12}},
+    )
+    assert finished["state"] == "finished"
+    assert finished["finishReason"] == "stop"
+    assert finished["text"] == whole_text(gateway, '{"tokens":12}')
+    assert finished["id"].startswith("chatcmpl-")
+
+    before = gateway.mock_cancelled()
+    stopped = page.evaluate(
+        """async (body) => {
+            const { TokenRelay } = await import("/sdk/tokenrelay.js");
+            const controller = new AbortController();
+            let tokens = 0;
+            const stream = new TokenRelay().chat(body, {
+                signal: controller.signal,
+                onToken: () => { tokens += 1; if (tokens === 3) controller.abort(); },
+            });
+            return await stream.done;
+        }""",
+        {"model": "demo", "messages": messages, "mock": json.loads(SLOW)},
+    )
+    gateway.wait_cancelled(before)  # aborting the signal stopped the model on the server
+    assert stopped["state"] == "stopped"
+    assert stopped["finishReason"] is None
+    assert 3 <= len(stopped["text"].split()) < 60

@@ -3,13 +3,16 @@
 //   const relay = new TokenRelay({ baseUrl: "", apiKey: "tr-..." });
 //   const stream = relay.chat({ model: "tiny", messages: [{ role: "user", content: "Hi" }] }, {
 //     onToken: (text) => ..., onDone: (finishReason) => ..., onError: (error) => ...,
+//     signal: controller.signal,   // optional: aborting it stops the stream, as stream.stop() does
 //   });
+//   const result = await stream.done; // { state: "finished" | "error" | "stopped", finishReason, text, error, resumes }
 //   stream.stop();   // cancels the generation on the server
 //
 // Streams are Chat Completions over fetch (so the API key goes in a header). A connection that drops
 // before the end is resumed by itself: GET /v1/streams/{id} with Last-Event-ID, continuing after the last
 // event received, so the text has nothing missing and nothing twice. For the resume endpoint alone an
-// EventSource also works (it sends Last-Event-ID on its own): relay.follow(id, after, handlers).
+// EventSource also works (it sends Last-Event-ID on its own): relay.follow(id, after, handlers), which
+// reports a refused resume (an unknown or expired stream) through onError too.
 
 export class TokenRelay {
   constructor({ baseUrl = "", apiKey = "", maxResumes = 5 } = {}) {
@@ -31,14 +34,25 @@ export class TokenRelay {
   // Follow a stream with EventSource (no API key header possible: for open gateways or same-origin cookies).
   follow(streamId, after, { onToken, onDone, onError } = {}) {
     const source = new EventSource(`${this.baseUrl}/v1/streams/${streamId}?after=${after}`);
+    let ended = false;
+    const end = () => { ended = true; source.close(); };
     source.onmessage = (msg) => {
-      if (msg.data === "[DONE]") { source.close(); return; }
+      if (msg.data === "[DONE]") { end(); return; }
       const chunk = JSON.parse(msg.data);
-      if (chunk.error) { source.close(); onError?.(chunk.error); return; }
+      if (chunk.error) { end(); onError?.(chunk.error); return; }
       const choice = chunk.choices?.[0];
       if (choice?.delta?.content) onToken?.(choice.delta.content);
       if (choice?.finish_reason) onDone?.(choice.finish_reason);
     };
+    // A dropped connection leaves the source CONNECTING (it reconnects with Last-Event-ID by itself); a
+    // refused request (404: unknown, expired or someone else's stream) closes it, and EventSource cannot
+    // see the status, so that is the error reported.
+    source.addEventListener("error", () => {
+      if (!ended && source.readyState === EventSource.CLOSED) {
+        ended = true;
+        onError?.({ type: "stream_not_found", message: `GET /v1/streams/${streamId} was refused` });
+      }
+    });
     return source;
   }
 }
@@ -53,6 +67,10 @@ class ChatStream {
     this.finished = false;
     this.stopped = false;
     this.controller = null;
+    this.text = "";
+    this.finishReason = null;
+    this.error = null;
+    handlers.signal?.addEventListener("abort", () => this.stop());
     this.done = this.run({
       ...body,
       stream: true,
@@ -77,7 +95,25 @@ class ChatStream {
     this.controller?.abort();
   }
 
+  // What stream.done resolves to.
+  result() {
+    const state = this.error ? "error" : this.finishReason ? "finished" : this.stopped ? "stopped" : "error";
+    return {
+      state, finishReason: this.finishReason, text: this.text, error: this.error, resumes: this.resumes, id: this.id,
+    };
+  }
+
+  fail(error) {
+    this.error = error;
+    this.handlers.onError?.(error);
+  }
+
   async run(body) {
+    await this.stream(body);
+    return this.result();
+  }
+
+  async stream(body) {
     const relay = this.relay;
     let response = await this.open(`${relay.baseUrl}/v1/chat/completions`, {
       method: "POST",
@@ -91,7 +127,7 @@ class ChatStream {
       const dropped = await this.read(response);
       if (!dropped || this.finished || this.stopped) break;
       if (this.resumes >= relay.maxResumes) {
-        this.handlers.onError?.({ type: "resume_failed", message: "the connection kept dropping" });
+        this.fail({ type: "resume_failed", message: "the connection kept dropping" });
         break;
       }
       this.resumes += 1;
@@ -110,12 +146,12 @@ class ChatStream {
       const response = await fetch(url, { ...init, signal: this.controller.signal });
       if (!response.ok) {
         const body = await response.json().catch(() => ({}));
-        this.handlers.onError?.(body.error || { type: "http_error", message: `HTTP ${response.status}` });
+        this.fail(body.error || { type: "http_error", message: `HTTP ${response.status}` });
         return null;
       }
       return response;
     } catch (err) {
-      if (!this.stopped) this.handlers.onError?.({ type: "network_error", message: String(err) });
+      if (!this.stopped) this.fail({ type: "network_error", message: String(err) });
       return null;
     }
   }
@@ -154,7 +190,7 @@ class ChatStream {
     const chunk = JSON.parse(data);
     if (chunk.error) {
       this.finished = true;
-      this.handlers.onError?.(chunk.error);
+      this.fail(chunk.error);
       return;
     }
     const choice = chunk.choices?.[0];
@@ -162,8 +198,14 @@ class ChatStream {
     const delta = choice.delta || {};
     if (id !== null) this.events = id; // the resume endpoint numbers its events
     else if (delta.content || delta.tool_calls || delta.reasoning_content) this.events += 1;
-    if (delta.content) this.handlers.onToken?.(delta.content);
-    if (choice.finish_reason) this.handlers.onDone?.(choice.finish_reason);
+    if (delta.content) {
+      this.text += delta.content;
+      this.handlers.onToken?.(delta.content);
+    }
+    if (choice.finish_reason && !this.finishReason) {
+      this.finishReason = choice.finish_reason;
+      this.handlers.onDone?.(choice.finish_reason);
+    }
   }
 }
 
