@@ -74,6 +74,28 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_queue: int = 1000
 
 
+class AudioModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A speech (text to audio) or transcription (audio to text) model: ``audio_models`` in the config,
+    apart from the chat ``models`` because none of the chat machinery (routers, fallbacks, the chat
+    protocols) applies to them. See docs/audio.md."""
+
+    name: str
+    provider: Literal["espeak", "openai"]
+    kind: Literal["speech", "transcription"] = "speech"
+    # openai: any OpenAI-compatible server (/audio/speech or /audio/transcriptions is appended)
+    base_url: str | None = None
+    api_key_env: str | None = None
+    upstream_model: str | None = None
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    connect_timeout: float = 10.0
+    idle_timeout: float = 120.0  # seconds without a byte from the engine or upstream: the request fails
+    options: dict[str, Any] = msgspec.field(default_factory=dict)  # the engine's knobs (docs/audio.md)
+    max_concurrent: int | None = None  # as for chat models: others wait in a priority queue
+    max_queue_wait_seconds: float = 30.0
+    max_queue: int = 1000
+    description: str | None = None
+
+
 class PlanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """What a key's plan allows; an unset limit is no limit."""
 
@@ -173,6 +195,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     jwt_issuers: list[JwtIssuer] = msgspec.field(default_factory=list)
     # models that choose among deployments; "router" over every model exists unless one is named so
     routers: list[RouterConfig] = msgspec.field(default_factory=list)
+    audio_models: list[AudioModelConfig] = msgspec.field(default_factory=list)  # speech, transcription
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:
@@ -245,6 +268,9 @@ def _validate(data: dict[str, Any], source: str) -> Config:
                 raise ConfigError(
                     f"{source}: routers[{i}].deployments[{j}]: '{dep}' is not a model of this config"
                 )
+    from tokenrelay.audio.models import check_audio_models  # the engines validate their own options
+
+    check_audio_models(cfg, source)
     for i, issuer in enumerate(cfg.jwt_issuers):
         if not issuer.jwks_url and not issuer.keys:
             raise ConfigError(f"{source}: jwt_issuers[{i}] needs jwks_url or keys")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from tokenrelay.admission import Admission, Principal
+from tokenrelay.audio.models import AudioEngine, AudioModels
 from tokenrelay.config import Config
 from tokenrelay.events import Error, Event, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from tokenrelay.metrics import Metrics
@@ -62,6 +63,7 @@ class Gateway:
         self.config = config
         self.providers: dict[str, Provider] = {m.name: build_provider(m) for m in config.models}
         self.router = Router(self.providers, config.routers)
+        self.audio = AudioModels(config)  # speech and transcription models (audio/)
         self.model_names = frozenset(self.router.names())
         self.gates = {
             m.name: PriorityGate(m.name, m.max_concurrent, m.max_queue_wait_seconds, m.max_queue)
@@ -96,6 +98,7 @@ class Gateway:
             "redis" not in self.startup_errors
             and self.admission.loaded
             and all(p.ready for p in self.providers.values())
+            and self.audio.ready
         )
 
     def start(self) -> None:
@@ -127,7 +130,7 @@ class Gateway:
                 if isinstance(p, HttpStreamProvider):
                     p.pool = self.pool
 
-        async def start_one(name: str, provider: Provider) -> None:
+        async def start_one(name: str, provider: Provider | AudioEngine) -> None:
             t0 = time.perf_counter()
             try:
                 await provider.start()
@@ -137,7 +140,8 @@ class Gateway:
                 return
             log.info("model %s (%s) ready in %.2f s", name, provider.kind, time.perf_counter() - t0)
 
-        await asyncio.gather(*(start_one(n, p) for n, p in self.providers.items()))
+        models: dict[str, Provider | AudioEngine] = {**self.providers, **self.audio.engines()}
+        await asyncio.gather(*(start_one(n, p) for n, p in models.items()))
 
     async def close(self) -> None:
         if self._start_task is not None and not self._start_task.done():
@@ -146,6 +150,7 @@ class Gateway:
             session.cancel()
         for provider in self.providers.values():
             await provider.close()
+        await self.audio.close()
         if self.pool is not None:
             self.pool.close()
         if self.log is not None:

@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import msgspec
 from aiohttp import web
 
+from tokenrelay.audio.mock_upstream import AUDIO
+from tokenrelay.audio.mock_upstream import add_routes as add_audio_routes
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import Event, TextDelta
 from tokenrelay.mock import Fault, MockStats, parse_options, run_script
@@ -141,11 +143,12 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATS].__dict__)
+    return web.json_response({**request.app[STATS].__dict__, "audio": request.app[AUDIO]})
 
 
 async def reset(request: web.Request) -> web.Response:
     request.app[STATS].__init__()  # type: ignore[misc]  # in place: app state is frozen once serving
+    request.app[AUDIO].clear()
     return web.json_response({"reset": True})
 
 
@@ -157,6 +160,7 @@ def make_app(defaults: dict[str, Any] | None = None) -> web.Application:
     app.router.add_post("/v1/chat/completions", handler(OPENAI))
     app.router.add_post("/v1/messages", handler(ANTHROPIC))
     app.router.add_get("/v1/models", models)
+    add_audio_routes(app)  # /v1/audio/speech, /v1/audio/transcriptions
     app.router.add_get("/mock/stats", stats)
     app.router.add_post("/mock/reset", reset)
     return app

@@ -27,6 +27,7 @@ import msgspec
 
 from tokenrelay import records
 from tokenrelay.admission import bearer
+from tokenrelay.audio.voice import VoiceSocket
 from tokenrelay.errors import GatewayError, invalid
 from tokenrelay.events import Error, Event
 from tokenrelay.gateway import Gateway
@@ -225,6 +226,9 @@ class HttpApp:
             )
         }
         chat = self.endpoint(self.default_protocol)
+        from tokenrelay.audio.endpoints import AudioEndpoints  # it imports this module's helpers
+
+        audio = AudioEndpoints(gateway)
         messages = self.endpoint(self.protocols["anthropic"])
         responses = self.endpoint(self.protocols["responses"])
         self.routes: dict[tuple[str, str], Handler] = {
@@ -237,6 +241,8 @@ class HttpApp:
             ("POST", "/responses"): responses,
             ("POST", "/api/chat"): self.endpoint(self.protocols["ollama-chat"]),
             ("POST", "/api/generate"): self.endpoint(self.protocols["ollama-generate"]),
+            ("POST", "/v1/audio/speech"): audio.speech,
+            ("POST", "/v1/audio/transcriptions"): audio.transcriptions,
             ("GET", "/api/tags"): self.ollama_tags,
             ("GET", "/api/version"): self.ollama_version,
             ("GET", "/v1/models"): self.models,
@@ -297,6 +303,8 @@ class HttpApp:
         elif kind == "websocket":
             if scope["path"] == "/v1/ws/chat":
                 await serve_websocket(self.gateway, scope, receive, send)
+            elif scope["path"] == "/v1/ws/voice":
+                await serve_websocket(self.gateway, scope, receive, send, VoiceSocket)
             else:
                 await send(
                     {"type": "websocket.close", "code": 1008, "reason": "no WebSocket endpoint at this path"}
@@ -376,7 +384,7 @@ class HttpApp:
         gw = self.gateway
         models = {
             n: ("ready" if p.ready else "failed" if n in gw.startup_errors else "loading")
-            for n, p in gw.providers.items()
+            for n, p in {**gw.providers, **gw.audio.engines()}.items()
         }
         body: dict[str, Any] = {"status": "ready" if gw.ready else "not ready", "models": models}
         if gw.startup_errors:
@@ -386,19 +394,23 @@ class HttpApp:
     def _model_card(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.gateway.started_at, "owned_by": "tokenrelay"}
 
+    def _model_names(self) -> list[str]:
+        """Chat models and routers, then speech and transcription models."""
+        return [*self.gateway.router.names(), *self.gateway.audio.engines()]
+
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.gateway.admission.authenticate(credential(scope))
         await send_json(
             scope,
             send,
             200,
-            {"object": "list", "data": [self._model_card(n) for n in self.gateway.router.names()]},
+            {"object": "list", "data": [self._model_card(n) for n in self._model_names()]},
         )
 
     async def model(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.gateway.admission.authenticate(credential(scope))
         name = scope["path"][len("/v1/models/") :]
-        if name not in self.gateway.model_names:
+        if name not in self.gateway.model_names and name not in self.gateway.audio.engines():
             raise GatewayError(
                 404, f"The model '{name}' does not exist.", param="model", code="model_not_found"
             )
@@ -504,6 +516,7 @@ class HttpApp:
                     }
                     for n, p in gw.providers.items()
                 },
+                "audio_models": {n: e.stats() for n, e in gw.audio.engines().items()},
             },
         )
 

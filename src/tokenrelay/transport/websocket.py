@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import msgspec
@@ -108,15 +108,22 @@ def encode_batch(request_id: str | int, batch: list[Event], pad: bool = False) -
     return out
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
 class WebSocketChat:
     """One connected socket."""
+
+    decoder: msgspec.json.Decoder[Any] = _client_message  # a subclass may read more fields (audio/voice.py)
 
     def __init__(self, gateway: Gateway, send: Send, credential: bytes | None = None) -> None:
         self.gateway = gateway
         self.credential = credential
         self._send = send
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(SEND_QUEUE)
-        self.streams: dict[str | int, tuple[StreamSession, asyncio.Task[None]]] = {}
+        # request id -> (what a cancel stops: its stream session, or a voice request; its task)
+        self.streams: dict[str | int, tuple[Cancellable, asyncio.Task[None]]] = {}
         self.closed = False
 
     async def put(self, data: bytes) -> None:
@@ -149,7 +156,7 @@ class WebSocketChat:
 
     async def handle(self, raw: str | bytes) -> None:
         try:
-            msg = _client_message.decode(raw)
+            msg = self.decoder.decode(raw)
         except msgspec.DecodeError as exc:
             await self.put(error_message(None, invalid(f"Malformed message: {exc}", code="invalid_message")))
             return
@@ -199,7 +206,13 @@ class WebSocketChat:
             task.cancel()  # its follower closes, then the stream's disconnect policy applies
 
 
-async def serve_websocket(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
+async def serve_websocket(
+    gateway: Gateway,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    socket_class: type[WebSocketChat] = WebSocketChat,
+) -> None:
     first = await receive()
     if first["type"] != "websocket.connect":
         return
@@ -212,7 +225,7 @@ async def serve_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
         await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
         return
     await send({"type": "websocket.accept"})
-    conn = WebSocketChat(gateway, send, raw)
+    conn = socket_class(gateway, send, raw)
     writer = asyncio.get_running_loop().create_task(conn.writer())
     try:
         while True:
