@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -400,3 +401,29 @@ def test_plain_openai_server_drop_before_the_first_token_is_retried(mock_upstrea
     assert err.value.result is not None
     assert err.value.result.retries == 2
     assert err.value.result.text == ""
+
+
+def test_connect_timeout_fires_when_no_connection_is_accepted() -> None:
+    """A listener whose accept queue is full drops new SYNs, so connecting hangs until the timeout."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the accept queue; later connects get no answer
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        time.sleep(0.2)
+        client = Client(
+            f"http://127.0.0.1:{port}", timeouts=Timeouts(connect=0.3), retry=Retry(max_retries=1)
+        )
+        started = time.monotonic()
+        with client, pytest.raises(ConnectionFailed) as err:
+            client.chat(model="demo", messages=MESSAGES)
+        elapsed = time.monotonic() - started
+        for s in fillers:
+            s.close()
+    assert "ConnectTimeout" in str(err.value)
+    assert err.value.result is not None
+    assert err.value.result.retries == 1
+    assert 0.6 <= elapsed < 2.5  # two attempts of 0.3 s, and a short backoff between them
