@@ -5,8 +5,13 @@ both endpoints, the mock upstream's relay (streaming and not), and every bad req
 
 from __future__ import annotations
 
+import array
+import base64
 import http.client
+import itertools
 import json
+import math
+import random
 import shutil
 import time
 from collections.abc import Iterator
@@ -19,7 +24,10 @@ import pytest
 from tests.audio_tools import audio_config, ensure_tools, rms, sox_info, wav_info
 from tests.conftest import Server, raw_post, serving, wait_for
 
+from tokenrelay.audio import multipart
 from tokenrelay.audio.mock_upstream import mock_pcm, mock_transcript
+from tokenrelay.audio.wav import LinearResampler, WavStreamReader, stream_header
+from tokenrelay.errors import GatewayError
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs away into the forest."
 LONG = " ".join(f"This is sentence number {i} of a long text that the engine reads aloud." for i in range(50))
@@ -169,8 +177,6 @@ def test_sse_stream_format(gw: Server) -> None:
     resp = speech(gw, response_format="pcm", stream_format="sse")
     assert resp.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(line[6:]) for line in resp.text.split("\n") if line.startswith("data: ")]
-    import base64
-
     audio = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
     assert events[-1]["type"] == "speech.audio.done"
     assert events[-1]["usage"]["input_tokens"] == len(SENTENCE)
@@ -389,3 +395,51 @@ def test_sdk_raises_for_a_missing_model_kind(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.audio.transcriptions.create(file=("a.wav", b"RIFF"), model="speech")
     assert info.value.body["param"] == "model"  # type: ignore[index]
+
+
+# ------------------------------------------------------------------------------ the pieces, in process
+
+
+def test_resampler_chunks_leave_no_seam_and_keep_the_pitch() -> None:
+    src = array.array("h", (round(10000 * math.sin(2 * math.pi * 440 * i / 22050)) for i in range(22050)))
+    data = src.tobytes()
+    whole = LinearResampler(22050, 24000).feed(data)
+    rng = random.Random(7)
+    chunked = LinearResampler(22050, 24000)
+    out, pos = [], 0
+    while pos < len(data):
+        step = rng.randrange(2, 3000, 2)
+        out.append(chunked.feed(data[pos : pos + step]))
+        pos += step
+    assert b"".join(out) == whole
+    assert abs(len(whole) / 2 - 24000) <= 2
+    samples = array.array("h")
+    samples.frombytes(whole)
+    crossings = sum(1 for a, b in itertools.pairwise(samples) if a < 0 <= b)
+    assert crossings in (439, 440)  # still 440 Hz over the one second
+
+
+def test_wav_reader_takes_any_split() -> None:
+    body = stream_header(22050) + bytes(range(256)) * 4
+    reader = WavStreamReader()
+    pcm = b"".join(reader.feed(body[i : i + 3]) for i in range(0, len(body), 3))
+    assert pcm == bytes(range(256)) * 4 and reader.sample_rate == 22050
+
+
+def test_multipart_parser() -> None:
+    body, ctype = multipart.encode([("model", "whisper"), ("prompt", 'say "hi"; ok')], [])
+    boundary = multipart.boundary_of(ctype.encode())
+    parts = multipart.parse(body, boundary)
+    assert [(p.name, p.text()) for p in parts] == [("model", "whisper"), ("prompt", 'say "hi"; ok')]
+    raw = (
+        b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename*=UTF-8''caf%C3%A9.wav\r\n"
+        b'Content-Type: audio/wav\r\n\r\nRIFF\r\n--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n'
+        b"1\r\n--b--\r\n"
+    )
+    parts = multipart.parse(raw, b"b")
+    assert parts[0].filename == "caf\u00e9.wav" and parts[0].data == b"RIFF"
+    assert parts[0].content_type == "audio/wav" and parts[1].data == b"1"
+    for broken in (b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1', b"no boundary here"):
+        with pytest.raises(GatewayError) as info:
+            multipart.parse(broken, b"b")
+        assert info.value.status == 400
