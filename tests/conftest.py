@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -404,3 +405,45 @@ def raw_post(
     result = RawResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload)
     conn.close()
     return result
+
+
+# -- a real browser: Debian's Chromium driven by Playwright (test_browser, test_examples) ----------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def ensure_chromium() -> None:
+    """Debian's chromium, installed here when missing (root: the CI machine), never silently skipped."""
+    if shutil.which(CHROMIUM):
+        return
+    subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=False, capture_output=True)
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing and could not be installed (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    ensure_chromium()
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh page; its screenshot goes to artifacts/ when the test ends."""
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    pg = context.new_page()
+    try:
+        yield pg
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        name = re.sub(r"[^\w.-]", "_", request.node.name)
+        pg.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+        context.close()

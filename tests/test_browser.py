@@ -8,51 +8,13 @@ Screenshots go to artifacts/.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import threading
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
-from tests.conftest import ARTIFACTS, Server, raw_post, wait_for
+from playwright.sync_api import Page, expect
+from tests.conftest import Server, raw_post, wait_for
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SLOW = '{"tokens":60,"tokens_per_second":20}'
-
-
-def ensure_chromium() -> None:
-    """Debian's chromium, installed here when missing (root: the CI machine), never silently skipped."""
-    if shutil.which(CHROMIUM):
-        return
-    subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=False, capture_output=True)
-    if not shutil.which(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing and could not be installed (apt-get install chromium)")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    ensure_chromium()
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-@pytest.fixture
-def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1100, "height": 800})
-    pg = context.new_page()
-    try:
-        yield pg
-    finally:
-        ARTIFACTS.mkdir(exist_ok=True)
-        pg.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
-        context.close()
 
 
 def whole_text(gateway: Server, mock: str) -> str:

@@ -21,10 +21,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
+from playwright.sync_api import Page, Request, expect
 from tests.chaos_proxy import ChaosProxy
-from tests.conftest import ARTIFACTS, ROOT, Server, raw_post
-from tests.test_browser import CHROMIUM, FLAGS, ensure_chromium
+from tests.conftest import ROOT, Server, raw_post
 from tests.test_client import contained
 
 EXAMPLES = ROOT / "examples"
@@ -302,30 +301,6 @@ def page_server() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    ensure_chromium()
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-@pytest.fixture
-def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1000, "height": 800})
-    pg = context.new_page()
-    try:
-        yield pg
-    finally:
-        ARTIFACTS.mkdir(exist_ok=True)
-        name = re.sub(r"[^\w.-]", "_", request.node.name)
-        pg.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-        context.close()
 
 
 @pytest.mark.parametrize("opened", ["http", "file"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -34,7 +33,7 @@ from tokenrelay.client.engine import (
     run_chat,
 )
 from tokenrelay.client.results import ChatResult, Delta, TextDelta
-from tokenrelay.client.sync import api_base, auth_headers, build_request, cancel_request, io_failure
+from tokenrelay.client.sync import build_request, cancel_request, io_failure, stream_config
 
 
 class AsyncIO:
@@ -196,13 +195,7 @@ class AsyncClient:
         http_client: httpx.AsyncClient | None = None,
         seed: int | None = None,
     ) -> None:
-        self.config = StreamConfig(
-            api_base(base_url),
-            auth_headers(api_key, headers),
-            timeouts or Timeouts(),
-            retry or Retry(),
-            random.Random(seed),
-        )
+        self.config = stream_config(base_url, api_key, timeouts, retry, headers, seed)
         self._owns_http = http_client is None
         self.http = http_client or httpx.AsyncClient(limits=httpx.Limits(max_connections=None))
 

@@ -80,9 +80,10 @@ class Retry:
 
     Before the first token, a connection error or a 408/409/425/429/5xx is retried ``max_retries`` times.
     After it, a dropped connection is resumed (tokenrelay only): at once when something arrived since the
-    last resume, else with the same backoff, giving up after ``max_resumes`` resumes in a row that delivered
-    nothing. Attempt n waits a random time up to ``backoff * 2**n`` (full jitter, at most ``max_backoff``) and at
-    least the server's ``Retry-After``; an error asking for longer than ``max_retry_after`` is raised instead.
+    last resume, else with the same backoff, giving up after ``max_resumes`` resumes in a row that
+    delivered nothing. Attempt n waits a random time up to ``backoff * 2**n`` (full jitter, at most
+    ``max_backoff``) and at least the server's ``Retry-After``; an error asking for longer than
+    ``max_retry_after`` is raised instead.
     """
 
     max_retries: int = 2

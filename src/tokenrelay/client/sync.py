@@ -37,17 +37,27 @@ from tokenrelay.client.results import ChatResult, Delta, TextDelta
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
-def api_base(base_url: str | None) -> str:
-    """The ``/v1`` base of the API: ``http://host:port`` and ``http://host:port/v1`` both work."""
+def stream_config(
+    base_url: str | None,
+    api_key: str | None,
+    timeouts: Timeouts | None,
+    retry: Retry | None,
+    headers: Mapping[str, str] | None,
+    seed: int | None,
+) -> StreamConfig:
+    """A client's settings: ``base_url`` with or without ``/v1`` (``$TOKENRELAY_URL``, else
+    http://127.0.0.1:8080); ``api_key`` sent as a Bearer token (``$TOKENRELAY_API_KEY`` when None)."""
     url = (base_url or os.environ.get("TOKENRELAY_URL") or DEFAULT_URL).rstrip("/")
-    return url if url.endswith("/v1") else url + "/v1"
-
-
-def auth_headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict[str, str]:
     key = api_key if api_key is not None else os.environ.get("TOKENRELAY_API_KEY")
-    out = {"authorization": f"Bearer {key}"} if key else {}
-    out.update(headers or {})
-    return out
+    sent = {"authorization": f"Bearer {key}"} if key else {}
+    sent.update(headers or {})
+    return StreamConfig(
+        url if url.endswith("/v1") else url + "/v1",
+        sent,
+        timeouts or Timeouts(),
+        retry or Retry(),
+        random.Random(seed),
+    )
 
 
 def build_request(op: Open) -> httpx.Request:
@@ -224,13 +234,7 @@ class Client:
         http_client: httpx.Client | None = None,
         seed: int | None = None,
     ) -> None:
-        self.config = StreamConfig(
-            api_base(base_url),
-            auth_headers(api_key, headers),
-            timeouts or Timeouts(),
-            retry or Retry(),
-            random.Random(seed),
-        )
+        self.config = stream_config(base_url, api_key, timeouts, retry, headers, seed)
         self._owns_http = http_client is None
         self.http = http_client or httpx.Client(limits=httpx.Limits(max_connections=None))
 
