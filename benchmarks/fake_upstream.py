@@ -10,6 +10,10 @@ OpenAI's ``chat.completion.chunk`` shape, framed with chunked transfer-encoding:
 * with the last token: the ``finish_reason: "stop"`` chunk, an optional usage chunk
   (``stream_options.include_usage``) and ``data: [DONE]``.
 
+A request whose ``model`` starts with ``paced`` is streamed ``--paced-interval-ms`` apart instead
+(default 1,000: one token per second, the "paced" profile of the scale benchmark), so one upstream
+serves the fast and the paced profiles through every relay unchanged.
+
 Non-stream requests get a small JSON completion. Keep-alive and pipelined requests are
 supported (requests on one connection are answered in order). ``GET /health``,
 ``/readyz`` and ``/v1/models`` exist for readiness probes.
@@ -31,6 +35,7 @@ import asyncio
 import json
 import math
 import os
+import resource
 import signal
 import socket
 import sys
@@ -68,9 +73,12 @@ def _sse(obj: dict[str, Any]) -> bytes:
 class Config:
     """Server-wide settings shared by every connection."""
 
-    def __init__(self, tokens: int, interval_s: float, mode: str, token_text: str) -> None:
+    def __init__(
+        self, tokens: int, interval_s: float, mode: str, token_text: str, paced_interval_s: float = 1.0
+    ) -> None:
         self.tokens = tokens
         self.interval_s = interval_s
+        self.paced_interval_s = paced_interval_s
         self.mode = mode
         self.token_text = token_text
         self.counter = 0
@@ -82,10 +90,13 @@ class Config:
 class Stream:
     """One streaming response in flight on a connection."""
 
-    __slots__ = ("closed", "conn", "next_due", "remaining", "tail", "token_chunk")
+    __slots__ = ("closed", "conn", "interval_s", "next_due", "remaining", "tail", "token_chunk")
 
-    def __init__(self, conn: Conn, remaining: int, next_due: float, token_chunk: bytes, tail: bytes) -> None:
+    def __init__(
+        self, conn: Conn, remaining: int, next_due: float, token_chunk: bytes, tail: bytes, interval_s: float
+    ) -> None:
         self.conn = conn
+        self.interval_s = interval_s
         self.remaining = remaining  # token chunks still to send
         self.next_due = next_due
         self.token_chunk = token_chunk  # framed chunk for one token
@@ -96,9 +107,8 @@ class Stream:
 class Wheel:
     """Coalescing timer: one loop timer per due millisecond, serving every stream due then."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.interval_s = interval_s
         self.buckets: dict[int, list[Stream]] = {}
 
     def schedule(self, stream: Stream) -> None:
@@ -116,7 +126,7 @@ class Wheel:
             if stream.closed:
                 continue
             if _emit(stream):
-                stream.next_due += self.interval_s
+                stream.next_due += stream.interval_s
                 self.schedule(stream)
 
 
@@ -306,20 +316,21 @@ class Conn(asyncio.Protocol):
             % (b"" if self.keep_alive else b"Connection: close\r\n")
         )
         loop = self.wheel.loop
-        stream = Stream(self, tokens, loop.time(), token_chunk, tail)
+        interval_s = cfg.paced_interval_s if model.startswith("paced") else cfg.interval_s
+        stream = Stream(self, tokens, loop.time(), token_chunk, tail, interval_s)
         self.stream = stream
         cfg.streams_started += 1
         self.transport.write(head + _frame(role))
         # First token goes out with the headers (TTFT ~ relay overhead), the rest every interval.
         if not _emit(stream):
             return
-        stream.next_due += cfg.interval_s
+        stream.next_due += interval_s
         if cfg.mode == "wheel":
             self.wheel.schedule(stream)
         elif cfg.mode == "timer":
-            loop.call_at(stream.next_due, _timer_tick, stream, cfg.interval_s)
+            loop.call_at(stream.next_due, _timer_tick, stream, interval_s)
         else:
-            loop.create_task(_coro_stream(stream, cfg.interval_s))
+            loop.create_task(_coro_stream(stream, interval_s))
 
     def finish_stream(self) -> None:
         self.stream = None
@@ -351,7 +362,7 @@ async def _coro_stream(stream: Stream, interval_s: float) -> None:
 async def serve(host: str, port: int, cfg: Config, backlog: int) -> None:
     """Run the server until SIGINT/SIGTERM."""
     loop = asyncio.get_running_loop()
-    wheel = Wheel(loop, cfg.interval_s)
+    wheel = Wheel(loop)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -375,6 +386,15 @@ async def serve(host: str, port: int, cfg: Config, backlog: int) -> None:
     )
 
 
+def raise_nofile() -> int:
+    """Raise this process's open-file soft limit to its hard limit (10,000 streams need >10,000 sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run the server."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -382,11 +402,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--tokens", type=int, default=50, help="token chunks per stream (max_tokens overrides)")
     p.add_argument("--interval-ms", type=float, default=20.0, help="delay between token chunks")
+    p.add_argument(
+        "--paced-interval-ms", type=float, default=1000.0, help="delay between chunks for models 'paced*'"
+    )
     p.add_argument("--mode", choices=("wheel", "timer", "coro"), default="wheel", help="timing strategy")
     p.add_argument("--token-text", default="tok ", help="content of each token chunk")
     p.add_argument("--backlog", type=int, default=4096)
     args = p.parse_args(argv)
-    cfg = Config(args.tokens, args.interval_ms / 1000.0, args.mode, args.token_text)
+    raise_nofile()
+    cfg = Config(
+        args.tokens, args.interval_ms / 1000.0, args.mode, args.token_text, args.paced_interval_ms / 1000.0
+    )
     if uvloop is not None:
         uvloop.install()
     asyncio.run(serve(args.host, args.port, cfg, args.backlog))

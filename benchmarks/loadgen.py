@@ -19,6 +19,16 @@ Prints one JSON object to stdout: p50/p90/p99/max TTFT, p50/p99/max gap, chunks,
 and incomplete streams, errors (counted by kind, with a few samples), wall time and the
 load generator's own CPU seconds (``time.process_time``).
 
+Protocols (``--protocol``): ``openai`` (Chat Completions SSE, ends with ``data: [DONE]``),
+``anthropic`` (``POST /v1/messages``, Messages SSE; text in ``content_block_delta`` events, ends with
+``message_stop``) and ``ws`` (tokenrelay's ``/v1/ws/chat`` WebSocket: one socket per connection, one
+request message per round; each ``token`` message is a chunk, ``done`` ends the stream). For every
+protocol, "content chunks" are the events that carry answer text, the figure to compare across them.
+
+``--raw`` adds every TTFT and gap sample (ms) to the JSON, so a harness can merge several load
+generator processes into one set of percentiles. The process raises its own open-file limit to the hard
+limit (10,000 streams are 10,000 sockets).
+
 Run: ``python benchmarks/loadgen.py --port 8000 --concurrency 100 [--rounds 1] [--tokens 50]``.
 """
 
@@ -28,6 +38,7 @@ import argparse
 import asyncio
 import json
 import re
+import resource
 import sys
 import time
 from array import array
@@ -40,18 +51,21 @@ except ImportError:  # pragma: no cover - the benchmark venv has uvloop
 
 _now = time.perf_counter
 _CONTENT_RE = re.compile(rb'"content"\s*:\s*"(?!")')
+_ANTHROPIC_TEXT = b'"text_delta"'
+_ANTHROPIC_STOP = b'"message_stop"'
 
 
 class StreamResult:
     """Measurements of one request/response stream."""
 
-    __slots__ = ("chunks", "done", "error", "status", "t_headers", "t_write", "ttft")
+    __slots__ = ("chunks", "content", "done", "error", "status", "t_headers", "t_write", "ttft")
 
     def __init__(self) -> None:
         self.t_write = 0.0
         self.t_headers = -1.0
         self.ttft = -1.0
         self.chunks = 0
+        self.content = 0  # chunks carrying answer text
         self.done = False
         self.error: str | None = None
         self.status = 0
@@ -60,8 +74,9 @@ class StreamResult:
 class Client(asyncio.Protocol):
     """One HTTP/1.1 client connection reading SSE over chunked / length / close-delimited bodies."""
 
-    def __init__(self, gaps: array) -> None:
+    def __init__(self, gaps: array, anthropic: bool = False) -> None:
         self.gaps = gaps
+        self.anthropic = anthropic
         self.transport: asyncio.Transport | None = None
         self.result: StreamResult | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -226,12 +241,26 @@ class Client(asyncio.Protocol):
             if self.last_event:
                 self.gaps.append(now - self.last_event)
             self.last_event = now
+            if self.anthropic:
+                if _ANTHROPIC_STOP in data:
+                    res.done = True
+                    continue
+                res.chunks += 1
+                if _ANTHROPIC_TEXT in data:
+                    res.content += 1
+                    if res.ttft < 0:
+                        res.ttft = now - res.t_write
+                elif b'"type":"error"' in data and res.error is None:
+                    res.error = "stream error event: " + data[:200].decode("utf-8", "replace")
+                continue
             if data == b"[DONE]":
                 res.done = True
                 continue
             res.chunks += 1
-            if res.ttft < 0 and _CONTENT_RE.search(data):
-                res.ttft = now - res.t_write
+            if _CONTENT_RE.search(data):
+                res.content += 1
+                if res.ttft < 0:
+                    res.ttft = now - res.t_write
             if data[:9] == b'{"error":' and res.error is None:
                 res.error = "stream error event: " + data[:200].decode("utf-8", "replace")
         if start:
@@ -284,6 +313,156 @@ class Client(asyncio.Protocol):
         return self.waiter
 
 
+class WsClient(asyncio.Protocol):
+    """One WebSocket connection to tokenrelay's ``/v1/ws/chat``, one stream at a time on it.
+
+    Client frames are masked with an all-zero key (legal, and the payload needs no XOR); server frames
+    are unmasked text frames holding one JSON message each, recognised by their ``"type"`` bytes.
+    """
+
+    def __init__(self, gaps: array) -> None:
+        self.gaps = gaps
+        self.transport: asyncio.Transport | None = None
+        self.result: StreamResult | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.handshaken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.server_closes = False
+        self.buf = bytearray()
+        self.frag = bytearray()
+        self.last_event = 0.0
+        self.counter = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server_closes = True
+        if not self.handshaken.done():
+            self.handshaken.set_exception(ConnectionError(f"closed during the handshake: {exc!r}"))
+        self._fail(f"connection lost: {exc!r}" if exc else "connection closed mid-stream")
+
+    def handshake(self, host: str, port: int, path: str, extra_headers: list[str]) -> asyncio.Future[None]:
+        assert self.transport is not None
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+            *extra_headers,
+        ]
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return self.handshaken
+
+    def data_received(self, data: bytes) -> None:
+        now = _now()
+        buf = self.buf
+        buf += data
+        if not self.handshaken.done():
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buf[: buf.find(b"\r\n")])
+            del buf[: end + 4]
+            if b" 101 " not in status + b" ":
+                self.handshaken.set_exception(ConnectionError(f"handshake refused: {status[:100]!r}"))
+                self.server_closes = True
+                return
+            self.handshaken.set_result(None)
+        pos = 0
+        n = len(buf)
+        while n - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if n - pos < head + length:
+                break
+            payload = bytes(buf[pos + head : pos + head + length])
+            pos += head + length
+            opcode = b0 & 0x0F
+            if opcode in (1, 0):
+                if not b0 & 0x80:
+                    self.frag += payload
+                    continue
+                if self.frag:
+                    payload = bytes(self.frag) + payload
+                    self.frag.clear()
+                self._message(payload, now)
+            elif opcode == 9:  # ping: answer with a (zero-masked) pong
+                self._send(0x8A, payload)
+            elif opcode == 8:
+                self.server_closes = True
+                self._fail(f"server closed the socket: {payload[:100]!r}")
+        del buf[:pos]
+
+    def _message(self, msg: bytes, now: float) -> None:
+        res = self.result
+        if res is None:
+            return
+        if self.last_event:
+            self.gaps.append(now - self.last_event)
+        self.last_event = now
+        if b'"type":"token"' in msg:
+            res.chunks += 1
+            if b'"text":""' not in msg:
+                res.content += 1
+                if res.ttft < 0:
+                    res.ttft = now - res.t_write
+        elif b'"type":"done"' in msg:
+            res.done = True
+            self._wake()
+        elif b'"type":"error"' in msg:
+            self._fail("stream error message: " + msg[:200].decode("utf-8", "replace"))
+        else:
+            res.chunks += 1
+
+    def _send(self, first: int, payload: bytes) -> None:
+        assert self.transport is not None
+        n = len(payload)
+        if n < 126:
+            head = bytes((first, 0x80 | n))
+        elif n < 65536:
+            head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
+        self.transport.write(head + b"\0\0\0\0" + payload)
+
+    def _fail(self, msg: str) -> None:
+        res = self.result
+        if res is not None and res.error is None:
+            res.error = msg
+        self._wake()
+
+    def _wake(self) -> None:
+        self.result = None
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def start(self, body: bytes, res: StreamResult) -> asyncio.Future[None]:
+        """Send one request message for ``body`` (a Chat Completions request); resolve when it ends."""
+        self.counter += 1
+        self.result = res
+        self.last_event = 0.0
+        self.waiter = asyncio.get_running_loop().create_future()
+        msg = b'{"type":"request","id":"r%d","body":%s}' % (self.counter, body)
+        res.t_write = _now()
+        self._send(0x81, msg)
+        return self.waiter
+
+
 def _build_request(host: str, port: int, path: str, body: bytes, extra_headers: list[str]) -> bytes:
     lines = [
         f"POST {path} HTTP/1.1",
@@ -308,7 +487,9 @@ async def _worker(
     delay = t0 + (idx // args.ramp_batch) * args.ramp_interval_ms / 1000.0 - loop.time()
     if delay > 0:
         await asyncio.sleep(delay)
-    client: Client | None = None
+    ws = args.protocol == "ws"
+    anthropic = args.protocol == "anthropic"
+    client: Client | WsClient | None = None
     for _ in range(args.rounds):
         res = StreamResult()
         results.append(res)
@@ -316,10 +497,20 @@ async def _worker(
             if client is None or client.closed or client.server_closes:
                 if client is not None and client.transport is not None:
                     client.transport.close()
-                _, client = await asyncio.wait_for(
-                    loop.create_connection(lambda: Client(gaps), args.host, args.port),
-                    args.connect_timeout,
-                )
+                if ws:
+                    _, client = await asyncio.wait_for(
+                        loop.create_connection(lambda: WsClient(gaps), args.host, args.port),
+                        args.connect_timeout,
+                    )
+                    await asyncio.wait_for(
+                        client.handshake(args.host, args.port, args.path, args.header or []),
+                        args.connect_timeout,
+                    )
+                else:
+                    _, client = await asyncio.wait_for(
+                        loop.create_connection(lambda: Client(gaps, anthropic), args.host, args.port),
+                        args.connect_timeout,
+                    )
             fut = client.start(request, res)
             await asyncio.wait_for(fut, args.timeout)
         except TimeoutError:
@@ -327,8 +518,10 @@ async def _worker(
             if client is not None:
                 client.result = None
                 client.server_closes = True
-        except OSError as exc:
+        except OSError as exc:  # ConnectionError (a refused WebSocket handshake) included
             res.error = res.error or f"connect: {exc.__class__.__name__}: {exc}"
+            if client is not None and client.transport is not None:
+                client.transport.close()
             client = None
     if client is not None and client.transport is not None:
         client.transport.close()
@@ -355,8 +548,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.tokens:
         payload["max_tokens"] = args.tokens
+    elif args.protocol == "anthropic":
+        payload["max_tokens"] = 1024  # required by the Messages API
+    if args.protocol == "ws":
+        del payload["stream"]  # implied on the socket
     body = json.dumps(payload, separators=(",", ":")).encode()
-    request = _build_request(args.host, args.port, args.path, body, args.header or [])
+    if args.protocol == "ws":
+        request = body
+    else:
+        headers = list(args.header or [])
+        if args.protocol == "anthropic":
+            headers.append("anthropic-version: 2023-06-01")
+        request = _build_request(args.host, args.port, args.path, body, headers)
     results: list[StreamResult] = []
     gaps: array = array("d")
     loop = asyncio.get_running_loop()
@@ -396,6 +599,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "error_kinds": errors,
         "error_samples": samples,
         "chunks": sum(r.chunks for r in results),
+        "content_chunks": sum(r.content for r in results),
         "ttft_ms": {
             "n": len(ttfts),
             "p50": _ms(_pct(ttfts, 50)),
@@ -414,7 +618,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadgen_cpu_s": round(cpu, 3),
         "loadgen_cpu_share": round(cpu / wall, 4) if wall > 0 else None,
         "loop": "uvloop" if uvloop is not None and not args.no_uvloop else "asyncio",
+        "protocol": args.protocol,
+        **(
+            {"raw": {"ttft_ms": [_ms(v) for v in ttfts], "gap_ms": [_ms(v) for v in gaps]}}
+            if args.raw
+            else {}
+        ),
     }
+
+
+def raise_nofile() -> int:
+    """Raise the open-file soft limit to the hard limit (one socket per stream)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -422,7 +641,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--path", default="/v1/chat/completions")
+    p.add_argument("--protocol", choices=("openai", "anthropic", "ws"), default="openai")
+    p.add_argument("--path", default=None, help="default: the protocol's endpoint")
+    p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer")
+    p.add_argument("--raw", action="store_true", help="include every TTFT and gap sample in the JSON")
     p.add_argument("--model", default="bench")
     p.add_argument("--prompt", default="Say something.")
     p.add_argument("--tokens", type=int, default=0, help="max_tokens to request (0: server default)")
@@ -438,6 +660,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.ramp_batch < 1:
         p.error("--ramp-batch must be >= 1")
+    if args.path is None:
+        args.path = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", "ws": "/v1/ws/chat"}[
+            args.protocol
+        ]
+    if args.api_key:
+        args.header = [*(args.header or []), f"Authorization: Bearer {args.api_key}"]
+    raise_nofile()
     if uvloop is not None and not args.no_uvloop:
         uvloop.install()
     summary = asyncio.run(run(args))
