@@ -23,6 +23,7 @@ import openai
 import pytest
 from tests.audio_tools import audio_config, ensure_tools, rms, sox_info, wav_info
 from tests.conftest import Server, raw_post, serving, wait_for
+from websockets.sync.client import connect
 
 from tokenrelay.audio import multipart
 from tokenrelay.audio.mock_upstream import mock_pcm, mock_transcript
@@ -443,3 +444,38 @@ def test_multipart_parser() -> None:
         with pytest.raises(GatewayError) as info:
             multipart.parse(broken, b"b")
         assert info.value.status == 400
+
+
+def test_keys_and_plans_apply_to_audio(mock_upstream: Server, tmp_path: Path) -> None:
+    admin = "audio-admin-secret"
+    with serving(tmp_path, audio_config(mock_upstream.port), env={"TOKENRELAY_ADMIN_KEY": admin}) as gw:
+
+        def new_key(models: list[str] | None) -> str:
+            resp = httpx.post(
+                f"{gw.url}/admin/keys",
+                json={"plan": "pro", "models": models},
+                headers={"authorization": f"Bearer {admin}"},
+                timeout=10,
+            )
+            assert resp.status_code == 201, resp.text
+            return str(resp.json()["key"])
+
+        speech_only, chat_only = new_key(["speech"]), new_key(["demo"])
+        body = {"model": "speech", "voice": "alloy", "input": "Who may speak?", "response_format": "pcm"}
+        url = f"{gw.url}/v1/audio/speech"
+        wait_for(lambda: httpx.post(url, json=body, timeout=10).status_code == 401, timeout=10)
+        ok = httpx.post(url, json=body, headers={"authorization": f"Bearer {speech_only}"}, timeout=30)
+        assert ok.status_code == 200 and rms(ok.content) > 0.03
+        refused = httpx.post(url, json=body, headers={"authorization": f"Bearer {chat_only}"}, timeout=30)
+        assert_error(refused, 403, "model")
+        files = {"file": ("a.wav", b"RIFF" + bytes(100))}
+        resp = httpx.post(
+            f"{gw.url}/v1/audio/transcriptions",
+            data={"model": "whisper"},
+            files=files,
+            headers={"authorization": f"Bearer {speech_only}"},
+            timeout=30,
+        )
+        assert_error(resp, 403, "model")
+        with pytest.raises(Exception, match=r"401|403"):  # the voice socket checks the key at the handshake
+            connect(f"ws://127.0.0.1:{gw.port}/v1/ws/voice").close()

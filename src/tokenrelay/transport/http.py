@@ -565,7 +565,7 @@ class HttpApp:
         if body.plan not in gw.config.plans:
             raise invalid(f"Unknown plan '{body.plan}'. Plans: {', '.join(gw.config.plans)}.", param="plan")
         for i, model in enumerate(body.models or []):
-            if model not in gw.providers:
+            if model not in gw.providers and model not in gw.audio.engines():
                 raise invalid(f"Unknown model '{model}'.", param=f"models[{i}]")
         key, secret = await gw.store.create_key(body.plan, body.models, body.budget, body.name, body.metadata)
         await gw.admission.refresh()
