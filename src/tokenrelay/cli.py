@@ -193,6 +193,26 @@ def keys_revoke(key_id: str, config: ConfigOption = None) -> None:
     err.print(f"revoked {key_id}")
 
 
+def _raise_nofile() -> int:
+    """Raise the open-file soft limit to the hard limit; return the soft limit now in force.
+
+    Every open stream holds two descriptors (the client's socket and the upstream's), so the usual soft
+    limit of 1,024 caps a worker at about 500 streams. Raising the soft limit up to the hard one needs no
+    privilege; the hard limit is the operator's (systemd ``LimitNOFILE=``, docs/deployment.md).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft
+        return target
+    return soft
+
+
 @app.command()
 def serve(
     config: Annotated[str | None, typer.Option("--config", "-c", help="YAML config file")] = None,
@@ -256,6 +276,10 @@ def serve(
         f"tokenrelay on {scheme}://{server.host}:{server.port}{grpc_note} with {server.workers} worker(s);"
         f" models: {names}"
     )
+    # granian admits at most `backpressure` requests per worker at once (default backlog // workers);
+    # for a streaming gateway that is a cap on open streams, so the bound is the descriptors instead
+    nofile = _raise_nofile()
+    backpressure = max(server.backlog // max(1, server.workers), (nofile - 256) // 2)
     Granian(
         "tokenrelay.app:create_app",
         factory=True,
@@ -265,6 +289,7 @@ def serve(
         workers=server.workers,
         loop=Loops.uvloop,
         backlog=server.backlog,
+        backpressure=backpressure,
         log_access=False,
         websockets=True,
         ssl_cert=Path(server.ssl_certfile) if server.ssl_certfile else None,
