@@ -48,8 +48,16 @@ lint: $(STAMPS)/install-test
 	$(VENV)/bin/ruff format --check src tests examples $(wildcard benchmarks)
 	$(VENV)/bin/mypy
 
-bench: $(STAMPS)/install-test
-	$(PY) benchmarks/run.py --out docs/benchmarks.md
+$(STAMPS)/install-bench: pyproject.toml $(STAMPS)/install-test
+	$(PIP) install --find-links $(WHEELHOUSE) -e '.[test,lint,bench]'
+	@touch $@
+
+# the scale suite (issue 7): direct, nginx, tokenrelay with 1 and 2 workers, 5 to 10,000 streams;
+# nginx-light is installed when missing (root with apt-get), otherwise its rows are skipped
+bench: $(STAMPS)/install-bench
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || [ "$$(id -u)" != 0 ] || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light || echo "nginx-light not installed"
+	$(PY) benchmarks/run.py --scale --out docs/benchmarks.md --plot docs/bench-scale.png
 
 # regenerate the gRPC code after editing the .proto (the generated files are committed)
 proto: $(STAMPS)/install-test

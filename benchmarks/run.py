@@ -15,20 +15,30 @@ level and every repeat, it runs ``benchmarks/loadgen.py`` against each target in
 It reports the median over repeats as a markdown table (stdout) with pass/fail against
 the targets, and with ``--out`` writes or replaces a marked section in that file.
 
+``--scale`` is the issue-7 suite (``make bench``): levels of 5 and 100 streams with the fast
+profile (tokens 20 ms apart), 1,000 and 10,000 with the paced one (one token per second) and a
+saturation level; targets direct, nginx, tokenrelay with 1 and with 2 workers, and the Anthropic
+and WebSocket protocols through the 1-worker gateway. The gateway runs with its features on: an
+API key on a plan with a (never reached) rate limit, usage and audit records in SQLite, metrics and
+the in-memory resume log. It writes its own section (``tokenrelay-scale`` markers) and a PNG plot.
+
 Run from the repository root::
 
     .venv/bin/python benchmarks/run.py --concurrency 5,100 --repeats 3 --out docs/benchmarks.md
+    .venv/bin/python benchmarks/run.py --scale --out docs/benchmarks.md --plot docs/bench-scale.png
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import http.client
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -44,12 +54,53 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SECTION_START = "<!-- tokenrelay-bench:start -->"
 SECTION_END = "<!-- tokenrelay-bench:end -->"
-TARGET_ORDER = ("direct", "nginx", "tokenrelay")
+SCALE_START = "<!-- tokenrelay-scale:start -->"
+SCALE_END = "<!-- tokenrelay-scale:end -->"
+TARGET_ORDER = (
+    "direct",
+    "nginx",
+    "tokenrelay",
+    "tokenrelay-2w",
+    "tokenrelay-anthropic",
+    "tokenrelay-ws",
+)
+# the target's load-generator protocol (tokenrelay-anthropic / -ws run on the 1-worker gateway)
+TARGET_PROTOCOL = {"tokenrelay-anthropic": "anthropic", "tokenrelay-ws": "ws"}
+Row = dict[str, float | None]
+NOFILE_WANTED = 65536  # 10,000 streams through a relay: 10,000 client + 10,000 upstream sockets
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How each stream of a level behaves: tokens, pacing (by model name), rounds, connection ramp."""
+
+    name: str
+    model: str  # fake_upstream paces models named paced* at --paced-interval-ms
+    tokens: int
+    interval_ms: float
+    rounds: int
+    ramp_batch: int
+    ramp_interval_ms: float
+
+
+@dataclass(frozen=True)
+class Level:
+    """A concurrency level: N concurrent streams of one profile."""
+
+    concurrency: int
+    profile: Profile
+
+    @property
+    def key(self) -> str:
+        return f"{self.concurrency}:{self.profile.name}"
+
 
 # (concurrency, metric key, comparison, threshold, label)
 CHECKS: list[tuple[int, str, str, float, str]] = [
@@ -62,9 +113,29 @@ CHECKS: list[tuple[int, str, str, float, str]] = [
 ]
 
 
+CONSOLE = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
 def log(msg: str) -> None:
-    """Progress output (stderr)."""
-    print(msg, file=sys.stderr, flush=True)
+    """Progress output (stderr, above the progress bar when one is shown)."""
+    CONSOLE.print(msg, markup=False)
+
+
+def raise_nofile(wanted: int = NOFILE_WANTED) -> tuple[int, int]:
+    """Raise this process's open-file limits; children (relays, upstream, loadgen) inherit them.
+
+    As root the hard limit may be raised too (CAP_SYS_RESOURCE); otherwise the soft limit goes up to
+    the hard one. 10,000 streams through a relay need 20,000+ descriptors in the relay alone.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted, wanted
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def _die_with_parent() -> None:
@@ -204,14 +275,33 @@ def find_nginx() -> str | None:
     )
 
 
+def install_nginx(notes: list[str]) -> str | None:
+    """Install Debian's nginx-light (nginx 1.22 on bookworm) when root and apt-get exist; else None."""
+    apt = shutil.which("apt-get")
+    if os.geteuid() != 0 or apt is None:
+        return None
+    log("nginx not found: apt-get install -y nginx-light")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = [apt, "install", "-y", "-q", "nginx-light"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:  # stale package lists: update once and retry
+        subprocess.run([apt, "update", "-q"], capture_output=True, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        notes.append(f"apt-get install nginx-light failed: {done.stderr.strip()[-300:]}")
+        return None
+    notes.append("nginx was missing and was installed from Debian's nginx-light by the harness.")
+    return find_nginx()
+
+
 def nginx_conf(tmp: Path, port: int, upstream_port: int) -> str:
     """A minimal nginx plain-relay config for streaming."""
     user = "user root root;\n" if os.geteuid() == 0 else ""
     return f"""{user}worker_processes 1;
-worker_rlimit_nofile 20000;
+worker_rlimit_nofile {NOFILE_WANTED};
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 16000; multi_accept on; }}
+events {{ worker_connections 30000; multi_accept on; }}
 http {{
     access_log off;
     client_body_temp_path {tmp}/nginx-body;
@@ -247,20 +337,24 @@ class Target:
     port: int
     service: Service | None  # the relay (None for direct)
     failed: str | None = None
+    protocol: str = "openai"
+    levels: set[str] | None = None  # level keys this target runs at (None: every level)
 
 
 @dataclass
 class RunResult:
-    """Metrics of one load-generator run against one target."""
+    """Metrics of one load-generator run (one or several processes, merged) against one target."""
 
     target: str
     concurrency: int
     repeat: int
+    level: str = ""
     lg: dict[str, Any] = field(default_factory=dict)
     relay_cpu_s: float | None = None
     upstream_cpu_s: float = 0.0
     other_cpu_s: float | None = None
     peak_rss_mb: float | None = None
+    idle_rss_mb: float | None = None
     error: str | None = None
 
     def metric(self, key: str) -> float | None:
@@ -275,6 +369,10 @@ class RunResult:
             return lg["gap_ms"]["p99"]
         if key == "chunks":
             return float(lg["chunks"])
+        if key == "content_chunks":
+            return float(lg.get("content_chunks", 0))
+        if key == "chunks_per_s":
+            return lg["chunks"] / lg["wall_s"] if lg.get("wall_s") else None
         if key == "errors":
             return float(lg["errors"])
         if key == "incomplete":
@@ -283,6 +381,8 @@ class RunResult:
             return float(max(lg["errors"], lg["incomplete"]))
         if key == "loadgen_cpu_s":
             return lg["loadgen_cpu_s"]
+        if key == "loadgen_cpu_share":
+            return lg.get("loadgen_cpu_share")
         if key == "wall_s":
             return lg["wall_s"]
         if key == "relay_cpu_s":
@@ -291,8 +391,17 @@ class RunResult:
             if self.relay_cpu_s is None or self.relay_cpu_s <= 0:
                 return None
             return lg["chunks"] / self.relay_cpu_s
+        if key == "cpu_us_per_content_chunk":
+            content = lg.get("content_chunks", 0)
+            if self.relay_cpu_s is None or not content:
+                return None
+            return self.relay_cpu_s / content * 1e6
         if key == "peak_rss_mb":
             return self.peak_rss_mb
+        if key == "rss_per_stream_kb":
+            if self.peak_rss_mb is None or self.idle_rss_mb is None or not self.concurrency:
+                return None
+            return max(0.0, self.peak_rss_mb - self.idle_rss_mb) * 1e6 / self.concurrency / 1024
         if key == "other_cpu_s":
             return self.other_cpu_s
         if key == "upstream_cpu_s":
@@ -308,91 +417,170 @@ def busy_cpu_s() -> float:
     )
 
 
+def pct(values: list[float], q: float) -> float | None:
+    """The same nearest-rank percentile as loadgen.py, over merged samples."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100.0 * (len(s) - 1))))]
+
+
+def merge_loadgen(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary from several load-generator processes' JSON (``--raw`` samples re-ranked)."""
+    if len(parts) == 1 and "raw" not in parts[0]:
+        return parts[0]
+    ttft = [v for p in parts for v in p.get("raw", {}).get("ttft_ms", []) if v is not None]
+    gaps = [v for p in parts for v in p.get("raw", {}).get("gap_ms", []) if v is not None]
+    kinds: dict[str, int] = {}
+    for p in parts:
+        for k, n in p["error_kinds"].items():
+            kinds[k] = kinds.get(k, 0) + n
+    wall = max(p["wall_s"] for p in parts)
+    cpu = sum(p["loadgen_cpu_s"] for p in parts)
+    return {
+        "processes": len(parts),
+        "concurrency": sum(p["concurrency"] for p in parts),
+        "streams": sum(p["streams"] for p in parts),
+        "complete": sum(p["complete"] for p in parts),
+        "incomplete": sum(p["incomplete"] for p in parts),
+        "errors": sum(p["errors"] for p in parts),
+        "error_kinds": kinds,
+        "error_samples": [e for p in parts for e in p["error_samples"]][:5],
+        "chunks": sum(p["chunks"] for p in parts),
+        "content_chunks": sum(p.get("content_chunks", 0) for p in parts),
+        "ttft_ms": {
+            "n": len(ttft),
+            "p50": pct(ttft, 50),
+            "p90": pct(ttft, 90),
+            "p99": pct(ttft, 99),
+            "max": max(ttft) if ttft else None,
+        },
+        "gap_ms": {
+            "n": len(gaps),
+            "p50": pct(gaps, 50),
+            "p99": pct(gaps, 99),
+            "max": max(gaps) if gaps else None,
+        },
+        "wall_s": wall,
+        "loadgen_cpu_s": round(cpu, 3),
+        "loadgen_cpu_share": round(cpu / wall, 4) if wall > 0 else None,
+    }
+
+
 def run_loadgen(
     args: argparse.Namespace,
     target: Target,
     upstream: Service,
-    concurrency: int,
-    tokens: int,
-    rounds: int,
+    level: Level,
+    tmp: Path,
 ) -> RunResult:
-    """Run loadgen.py once against ``target``, sampling the relay's CPU and RSS."""
-    res = RunResult(target.name, concurrency, 0)
-    stream_s = tokens * args.interval_ms / 1000.0
-    ramp_s = (concurrency // args.ramp_batch) * args.ramp_interval_ms / 1000.0
+    """Run loadgen.py (``--loadgen-procs`` processes) once against ``target``, sampling the relay."""
+    concurrency, prof = level.concurrency, level.profile
+    res = RunResult(target.name, concurrency, 0, level.key)
+    interval_ms = prof.interval_ms
+    stream_s = prof.tokens * interval_ms / 1000.0
+    procs = max(1, min(args.loadgen_procs, concurrency))
+    ramp_batch = max(1, prof.ramp_batch // procs)
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    ramp_s = (max(shares) // ramp_batch) * prof.ramp_interval_ms / 1000.0
     per_request_timeout = stream_s * 3 + 10.0
-    hard_timeout = ramp_s + rounds * per_request_timeout + 30.0
-    argv = [
-        args.loadgen_python or sys.executable,
-        str(HERE / "loadgen.py"),
-        "--port",
-        str(target.port),
-        "--concurrency",
-        str(concurrency),
-        "--rounds",
-        str(rounds),
-        "--tokens",
-        str(tokens),
-        "--model",
-        "bench",
-        "--ramp-batch",
-        str(args.ramp_batch),
-        "--ramp-interval-ms",
-        str(args.ramp_interval_ms),
-        "--timeout",
-        f"{per_request_timeout:.1f}",
-    ]
+    hard_timeout = ramp_s + prof.rounds * per_request_timeout + 30.0
     relay = target.service
     relay_before = relay.cpu_snapshot() if relay else {}
     up_before = upstream.cpu_snapshot()
     self_proc = psutil.Process()
     self_before = sum(self_proc.cpu_times()[:2])
     busy_before = busy_cpu_s()
-    peak = relay.rss() if relay else 0
-    lg_proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-    )
-    lg_ps = psutil.Process(lg_proc.pid)
-    lg_cpu = 0.0
+    idle = relay.rss() if relay else 0
+    peak = idle
+    running: list[tuple[subprocess.Popen[bytes], psutil.Process, Path, Path]] = []
+    for i, share in enumerate(shares):
+        argv = [
+            args.loadgen_python or sys.executable,
+            str(HERE / "loadgen.py"),
+            "--port",
+            str(target.port),
+            "--protocol",
+            target.protocol,
+            "--concurrency",
+            str(share),
+            "--rounds",
+            str(prof.rounds),
+            "--tokens",
+            str(prof.tokens),
+            "--model",
+            prof.model,
+            "--ramp-batch",
+            str(ramp_batch),
+            "--ramp-interval-ms",
+            str(prof.ramp_interval_ms),
+            "--timeout",
+            f"{per_request_timeout:.1f}",
+            "--connect-timeout",
+            "30",
+        ]
+        if procs > 1:
+            argv.append("--raw")
+        if args.api_key and target.service is not None and target.name.startswith("tokenrelay"):
+            argv += ["--api-key", args.api_key]
+        # stdout goes to a file: raw samples of 10,000 streams are megabytes, more than a pipe holds
+        out_path, err_path = tmp / f"loadgen-{i}.json", tmp / f"loadgen-{i}.err"
+        with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out_f,
+                stderr=err_f,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        running.append((popen, psutil.Process(popen.pid), out_path, err_path))
+    lg_cpu = [0.0] * procs
     deadline = time.monotonic() + hard_timeout
     try:
-        while lg_proc.poll() is None:
+        while any(pp.poll() is None for pp, _, _, _ in running):
             if time.monotonic() > deadline:
                 res.error = f"loadgen exceeded {hard_timeout:.0f} s and was killed"
                 break
             if relay:
                 peak = max(peak, relay.rss())
-            with contextlib.suppress(psutil.Error):
-                t = lg_ps.cpu_times()
-                lg_cpu = t.user + t.system
+            for i, (_, ps, _, _) in enumerate(running):
+                with contextlib.suppress(psutil.Error):
+                    t = ps.cpu_times()
+                    lg_cpu[i] = t.user + t.system
             time.sleep(0.05)
     finally:
-        if lg_proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(lg_proc.pid, signal.SIGKILL)
-        out, err = lg_proc.communicate()
+        for pp, _, _, _ in running:
+            if pp.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pp.pid, signal.SIGKILL)
+            pp.wait()
     if relay:
         res.relay_cpu_s = cpu_delta(relay_before, relay.cpu_snapshot())
         res.peak_rss_mb = peak / 1e6
+        res.idle_rss_mb = idle / 1e6
     res.upstream_cpu_s = cpu_delta(up_before, upstream.cpu_snapshot())
     busy = busy_cpu_s() - busy_before
     self_cpu = sum(self_proc.cpu_times()[:2]) - self_before
+    parts: list[dict[str, Any]] = []
     if res.error is None:
-        if lg_proc.returncode != 0:
-            res.error = f"loadgen exit {lg_proc.returncode}: {err.decode('utf-8', 'replace')[-800:]}"
-        else:
+        for pp, _, out_path, err_path in running:
+            err = err_path.read_bytes()
+            out = out_path.read_bytes()
+            if pp.returncode != 0:
+                res.error = f"loadgen exit {pp.returncode}: {err.decode('utf-8', 'replace')[-800:]}"
+                break
             try:
-                res.lg = json.loads(out)
+                parts.append(json.loads(out))
             except ValueError:
                 res.error = f"loadgen output not JSON: {out[:300]!r} {err[-300:]!r}"
+                break
+        if res.error is None:
+            res.lg = merge_loadgen(parts)
+            res.lg.pop("raw", None)
     if relay and not relay.alive():
         res.error = (res.error or "") + f" [{target.name} died: exit {relay.popen.returncode}]"
-    lg_total = max(lg_cpu, res.lg.get("loadgen_cpu_s", 0.0) if res.lg else 0.0)
+    lg_total = max(sum(lg_cpu), res.lg.get("loadgen_cpu_s", 0.0) if res.lg else 0.0)
     res.other_cpu_s = max(0.0, busy - (res.relay_cpu_s or 0.0) - res.upstream_cpu_s - lg_total - self_cpu)
     return res
 
@@ -410,48 +598,59 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def summarize(
-    results: list[RunResult], concurrencies: list[int], targets: list[str]
-) -> dict[tuple[int, str], dict[str, float | None]]:
-    """Median of each metric over repeats, plus added TTFT vs the direct run of the same repeat."""
-    by_key: dict[tuple[int, str, int], RunResult] = {(r.concurrency, r.target, r.repeat): r for r in results}
-    summary: dict[tuple[int, str], dict[str, float | None]] = {}
+def summarize(results: list[RunResult], levels: list[str], targets: list[str]) -> dict[tuple[str, str], Row]:
+    """Median of each metric over repeats, plus added TTFT vs the direct run of the same repeat.
+
+    Keyed by (level key, target); a level key is ``"<streams>:<profile>"``.
+    """
+    by_key: dict[tuple[str, str, int], RunResult] = {(r.level, r.target, r.repeat): r for r in results}
+    summary: dict[tuple[str, str], Row] = {}
     keys = (
         "ttft_p50_ms",
         "ttft_p99_ms",
         "gap_p99_ms",
         "chunks",
+        "content_chunks",
+        "chunks_per_s",
         "relay_cpu_s",
         "chunks_per_cpu_s",
+        "cpu_us_per_content_chunk",
         "peak_rss_mb",
+        "rss_per_stream_kb",
         "errors",
         "incomplete",
         "failed_streams",
         "loadgen_cpu_s",
+        "loadgen_cpu_share",
         "wall_s",
         "other_cpu_s",
         "upstream_cpu_s",
     )
-    for c in concurrencies:
+    for lv in levels:
         for t in targets:
-            runs = [r for r in results if r.concurrency == c and r.target == t]
+            runs = [r for r in results if r.level == lv and r.target == t]
             if not runs:
                 continue
-            row: dict[str, float | None] = {k: median([r.metric(k) for r in runs]) for k in keys}
+            row: Row = {k: median([r.metric(k) for r in runs]) for k in keys}
             row["runs"] = float(len(runs))
             row["failed_runs"] = float(sum(1 for r in runs if r.error))
             for q in ("p50", "p99"):
                 added: list[float | None] = []
                 for r in runs:
-                    d = by_key.get((c, "direct", r.repeat))
+                    d = by_key.get((lv, "direct", r.repeat))
                     a, b = r.metric(f"ttft_{q}_ms"), d.metric(f"ttft_{q}_ms") if d else None
                     added.append(a - b if a is not None and b is not None else None)
                 row[f"added_ttft_{q}_ms"] = median(added) if t != "direct" else None
-            summary[(c, t)] = row
+            summary[(lv, t)] = row
     return summary
 
 
-def results_table(summary: dict[tuple[int, str], dict[str, float | None]], failed: list[str]) -> str:
+def by_concurrency(summary: dict[tuple[str, str], Row]) -> dict[tuple[int, str], Row]:
+    """The issue-2 tables' view: keyed by (streams, target) (every level there is the fast profile)."""
+    return {(int(lv.split(":", 1)[0]), t): row for (lv, t), row in summary.items()}
+
+
+def results_table(summary: dict[tuple[int, str], Row], failed: list[str]) -> str:
     head = (
         "| streams | target | TTFT p50 ms | TTFT p99 ms | added TTFT p50 ms | added TTFT p99 ms | gap p99 ms "
         "| chunks | relay CPU s | chunks / relay CPU-s | relay peak RSS MB | errors / incomplete "
@@ -483,9 +682,7 @@ def results_table(summary: dict[tuple[int, str], dict[str, float | None]], faile
     return "\n".join(lines)
 
 
-def checks_table(
-    summary: dict[tuple[int, str], dict[str, float | None]], targets: list[str], failed: list[str]
-) -> str:
+def checks_table(summary: dict[tuple[int, str], Row], targets: list[str], failed: list[str]) -> str:
     relays = [t for t in TARGET_ORDER if t != "direct" and (t in targets or t in failed)]
     if not relays:
         return ""
@@ -530,14 +727,14 @@ def display_command() -> str:
     return shlex.join([str(exe), str(script), *sys.argv[1:]])
 
 
-def write_section(out: Path, section: str) -> None:
-    """Write ``section`` between the markers in ``out`` (replacing a previous one)."""
-    block = f"{SECTION_START}\n{section.rstrip()}\n{SECTION_END}\n"
+def write_section(out: Path, section: str, start: str = SECTION_START, end: str = SECTION_END) -> None:
+    """Write ``section`` between the markers in ``out`` (replacing a previous one; others are kept)."""
+    block = f"{start}\n{section.rstrip()}\n{end}\n"
     if out.exists():
         text = out.read_text()
-        if SECTION_START in text and SECTION_END in text:
-            pre, rest = text.split(SECTION_START, 1)
-            post = rest.split(SECTION_END, 1)[1].lstrip("\n")
+        if start in text and end in text:
+            pre, rest = text.split(start, 1)
+            post = rest.split(end, 1)[1].lstrip("\n")
             text = pre + block + (("\n" + post) if post else "")
         else:
             text = text.rstrip() + "\n\n" + block
@@ -554,6 +751,7 @@ def progress_line(r: RunResult, label: str) -> str:
     cps = m("chunks_per_cpu_s")
     relay = (
         f" relay cpu {fmt(r.relay_cpu_s, 3)} s ({fmt(cps, 0)} chunks/cpu-s) rss {fmt(r.peak_rss_mb, 1)} MB"
+        f" ({fmt(m('rss_per_stream_kb'), 1)} KB/stream)"
         if r.relay_cpu_s is not None
         else ""
     )
@@ -588,6 +786,80 @@ def services_cleanup() -> Iterator[list[Service]]:
         signal.signal(signal.SIGHUP, old_hup)
 
 
+def relay_env() -> dict[str, str]:
+    """Environment for tokenrelay processes: this checkout's src/ first on PYTHONPATH."""
+    env = dict(os.environ)
+    if (ROOT / "src" / "tokenrelay").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    return env
+
+
+def relay_config(args: argparse.Namespace, tmp: Path, name: str, up_port: int) -> Path:
+    """A tokenrelay config: the fast and the paced model on the fake upstream; with --features a
+    database in ``tmp`` and a plan whose limit is checked on every request but never reached."""
+    text = "models:\n"
+    for model in ("bench", "paced"):
+        text += f"  - name: {model}\n    provider: openai\n    base_url: http://127.0.0.1:{up_port}/v1\n"
+    if args.features:
+        text += (
+            "server:\n"
+            f"  database_url: sqlite+aiosqlite:///{tmp / (name + '.db')}\n"
+            "plans:\n"
+            "  bench: {requests_per_minute: 100000000}\n"
+        )
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(text)
+    return cfg
+
+
+def create_key(args: argparse.Namespace, cfg: Path) -> str:
+    """``tokenrelay keys create --plan bench`` against the config's database; the key's secret."""
+    done = subprocess.run(
+        [
+            *(args.relay_python or sys.executable, "-m", "tokenrelay", "keys", "create"),
+            *("--plan", "bench", "--name", "bench", "--config", str(cfg)),
+        ],
+        capture_output=True,
+        text=True,
+        env=relay_env(),
+        cwd=ROOT,
+    )
+    key = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode != 0 or not key:
+        raise RuntimeError(f"tokenrelay keys create failed ({done.returncode}): {done.stderr[-800:]}")
+    return key
+
+
+def start_tokenrelay(
+    args: argparse.Namespace, tmp: Path, name: str, cfg: Path, workers: int, services: list[Service]
+) -> tuple[int, Service, str | None]:
+    """Start ``tokenrelay serve``; return its port, service and the start failure (None when ready)."""
+    port = free_port()
+    argv = [
+        args.relay_python or sys.executable,
+        "-m",
+        "tokenrelay",
+        "serve",
+        "--config",
+        str(cfg),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    if workers:
+        argv += ["--workers", str(workers)]
+    argv += shlex.split(args.relay_args)
+    svc = Service(name, argv, tmp / f"{name}.log", env=relay_env())
+    services.append(svc)
+    try:
+        wait_ready(svc, port, "/readyz", args.ready_timeout)
+    except RuntimeError as exc:
+        log(str(exc))
+        return port, svc, str(exc)
+    return port, svc, None
+
+
 def start_targets(
     args: argparse.Namespace, tmp: Path, services: list[Service], notes: list[str]
 ) -> tuple[Service, list[Target]]:
@@ -604,6 +876,8 @@ def start_targets(
             str(args.tokens),
             "--interval-ms",
             str(args.interval_ms),
+            "--paced-interval-ms",
+            str(args.paced_interval_ms),
         ],
         tmp / "fake_upstream.log",
     )
@@ -611,6 +885,8 @@ def start_targets(
     wait_ready(upstream, up_port, "/health", 20.0)
     targets: list[Target] = []
     wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
+    protocol_levels = set(args.protocol_levels.split(",")) if args.protocol_levels else None
+    relay1: tuple[int, Service, str | None] | None = None
     for name in TARGET_ORDER:
         if name not in wanted:
             continue
@@ -618,6 +894,8 @@ def start_targets(
             targets.append(Target("direct", up_port, None))
         elif name == "nginx":
             nginx = find_nginx()
+            if nginx is None and args.install_nginx:
+                nginx = install_nginx(notes)
             if nginx is None:
                 notes.append("nginx is not installed (not on PATH): the nginx reference rows are skipped.")
                 log("nginx not found: skipping the nginx target")
@@ -653,58 +931,73 @@ def start_targets(
                 f"nginx reference: {version}, worker_processes 1, proxy_buffering off, upstream keepalive."
             )
             targets.append(Target("nginx", port, svc))
-        else:
-            port = free_port()
-            cfg = tmp / "tokenrelay.yaml"
-            cfg.write_text(
-                "models:\n"
-                "  - name: bench\n"
-                "    provider: openai\n"
-                f"    base_url: http://127.0.0.1:{up_port}/v1\n"
-            )
-            env = dict(os.environ)
-            if (ROOT / "src" / "tokenrelay").is_dir():
-                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-            argv = [
-                args.relay_python or sys.executable,
-                "-m",
-                "tokenrelay",
-                "serve",
-                "--config",
-                str(cfg),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ]
-            if args.workers:
-                argv += ["--workers", str(args.workers)]
-            argv += shlex.split(args.relay_args)
-            svc = Service("tokenrelay", argv, tmp / "tokenrelay.log", env=env)
-            services.append(svc)
-            try:
-                wait_ready(svc, port, "/readyz", args.ready_timeout)
-            except RuntimeError as exc:
-                msg = f"tokenrelay failed to start:\n\n```\n{exc}\n```"
-                notes.append(msg)
-                log(str(exc))
-                targets.append(Target("tokenrelay", port, svc, failed=str(exc)))
+        elif name in ("tokenrelay", "tokenrelay-2w"):
+            workers = 2 if name == "tokenrelay-2w" else args.workers
+            cfg = relay_config(args, tmp, name, up_port)
+            if args.features:
+                if args.api_key is None:
+                    args.api_key = create_key(args, cfg)
+                else:  # one key for every gateway: the first database, copied
+                    first = next(tmp.glob("tokenrelay*.db"), None)
+                    if first is not None:
+                        shutil.copy(first, tmp / f"{name}.db")
+            port, svc, failed = start_tokenrelay(args, tmp, name, cfg, workers, services)
+            if failed:
+                notes.append(f"{name} failed to start:\n\n```\n{failed}\n```")
+            targets.append(Target(name, port, svc, failed=failed))
+            if name == "tokenrelay":
+                relay1 = (port, svc, failed)
+        else:  # a protocol variant through the 1-worker gateway
+            if relay1 is None:
+                log(f"{name} needs the tokenrelay target: skipped")
                 continue
-            targets.append(Target("tokenrelay", port, svc))
+            port, svc, failed = relay1
+            targets.append(Target(name, port, svc, failed, TARGET_PROTOCOL[name], protocol_levels))
     return upstream, targets
+
+
+def parse_levels(args: argparse.Namespace) -> list[Level]:
+    """``--levels 5:fast,100:fast,1000:paced`` (scale) or ``--concurrency 5,100`` (all fast)."""
+    profiles = {
+        "fast": Profile(
+            "fast",
+            "bench",
+            args.tokens,
+            args.interval_ms,
+            args.rounds,
+            args.ramp_batch,
+            args.ramp_interval_ms,
+        ),
+        # one token per second: 10,000 such streams are 10,000 events per second through the relay
+        "paced": Profile(
+            "paced", "paced", args.paced_tokens, args.paced_interval_ms, 1, args.paced_ramp_batch, 20.0
+        ),
+        # the fast profile as one wave of many streams: more offered than one worker can relay
+        "sat": Profile("sat", "bench", args.tokens, args.interval_ms, 1, 100, 10.0),
+    }
+    spec = (
+        args.levels if args.scale else ",".join(f"{c}:fast" for c in args.concurrency.split(",") if c.strip())
+    )
+    levels = []
+    for item in spec.split(","):
+        c, _, prof = item.strip().partition(":")
+        if prof not in profiles:
+            raise SystemExit(f"unknown profile {prof!r} in {item!r} (fast, paced, sat)")
+        levels.append(Level(int(c), profiles[prof]))
+    return levels
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return the process exit status."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", default="5,100", help="comma-separated concurrent stream counts")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="repeats of each fast level")
     p.add_argument("--tokens", type=int, default=50, help="token chunks per stream")
     p.add_argument("--interval-ms", type=float, default=20.0, help="upstream delay between token chunks")
     p.add_argument("--rounds", type=int, default=3, help="streams per connection, back to back, in each run")
     p.add_argument("--ramp-batch", type=int, default=10, help="connections started per ramp step")
     p.add_argument("--ramp-interval-ms", type=float, default=10.0, help="delay between ramp steps")
-    p.add_argument("--targets", default="direct,nginx,tokenrelay", help="subset of direct,nginx,tokenrelay")
+    p.add_argument("--targets", default=None, help=f"subset of {','.join(TARGET_ORDER)}")
     p.add_argument("--workers", type=int, default=0, help="pass --workers N to tokenrelay serve")
     p.add_argument("--relay-args", default="", help="extra arguments for tokenrelay serve")
     p.add_argument("--relay-python", default=None, help="python for tokenrelay (default: this one)")
@@ -712,13 +1005,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loadgen-python", default=None, help="python for loadgen (default: this one)")
     p.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for GET /readyz")
     p.add_argument("--no-warmup", action="store_true", help="skip the short warm-up run per target")
+    scale = p.add_argument_group("scale suite (issue 7)")
+    scale.add_argument("--scale", action="store_true", help="run the scale suite (make bench)")
+    scale.add_argument(
+        "--levels",
+        default="5:fast,100:fast,1000:paced,10000:paced,1000:sat",
+        help="STREAMS:PROFILE list; profiles fast (tokens --interval-ms apart), paced (one per second), "
+        "sat (fast, one wave)",
+    )
+    scale.add_argument("--paced-tokens", type=int, default=20, help="tokens per paced stream")
+    scale.add_argument("--paced-interval-ms", type=float, default=1000.0)
+    scale.add_argument(
+        "--paced-ramp-batch", type=int, default=20, help="paced connections opened per 20 ms (1,000 per s)"
+    )
+    scale.add_argument("--big-repeats", type=int, default=1, help="repeats of each paced and sat level")
+    scale.add_argument(
+        "--protocol-levels", default="100:fast,1000:paced", help="levels for tokenrelay-anthropic and -ws"
+    )
+    scale.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes per run")
+    scale.add_argument(
+        "--features",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="API key + plan limit + SQLite records (default: on with --scale)",
+    )
+    scale.add_argument("--api-key", default=None, help=argparse.SUPPRESS)
+    scale.add_argument(
+        "--install-nginx",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="apt-get install nginx-light when nginx is missing (root only)",
+    )
+    scale.add_argument("--settle-s", type=float, default=3.0, help="pause after runs of >= 1,000 streams")
+    scale.add_argument("--plot", type=Path, default=None, help="PNG plot of the scale suite (matplotlib)")
     p.add_argument(
         "--out", type=Path, default=None, help="markdown file to write/update (e.g. docs/benchmarks.md)"
     )
     p.add_argument("--json-out", type=Path, default=None, help="write every run's raw results as JSON")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
-    concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.features is None:
+        args.features = args.scale
+    if args.targets is None:
+        args.targets = ",".join(TARGET_ORDER) if args.scale else "direct,nginx,tokenrelay"
+    levels = parse_levels(args)
+    nofile = raise_nofile()
 
     started = dt.datetime.now(dt.UTC)
     notes: list[str] = []
@@ -733,29 +1064,58 @@ def main(argv: list[str] | None = None) -> int:
             runnable = [t for t in targets if t.failed is None]
             failed_names = [t.name for t in targets if t.failed]
             relay_failed = bool(failed_names)
-            if not args.no_warmup:
-                # One short wave at the highest concurrency: imports, caches and the relay's
-                # upstream connection pool are warm before anything is measured.
-                for t in runnable:
-                    w = run_loadgen(args, t, upstream, max(concurrencies), min(5, args.tokens), 1)
+            plan: list[tuple[Level, int, Target]] = []
+            for lv in levels:
+                reps = args.repeats if lv.profile.name == "fast" else args.big_repeats
+                for rep in range(reps):
+                    plan += [(lv, rep, t) for t in runnable if t.levels is None or lv.key in t.levels]
+            fast = levels[0].profile
+            if args.scale:
+                warm = Level(100, dataclasses.replace(fast, tokens=min(5, fast.tokens), rounds=1))
+            else:
+                top = max(lv.concurrency for lv in levels)
+                warm = Level(top, dataclasses.replace(fast, tokens=min(5, fast.tokens), rounds=1))
+            warmups = [] if args.no_warmup else runnable
+            with Progress(
+                TextColumn("{task.description:<44}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=CONSOLE,
+            ) as progress:
+                task = progress.add_task("benchmark", total=len(warmups) + len(plan))
+                # One short wave per target first: imports, caches and the relay's upstream
+                # connection pool are warm before anything is measured.
+                for t in warmups:
+                    progress.update(task, description=f"warm-up {t.name}")
+                    w = run_loadgen(args, t, upstream, warm, tmp)
                     log(progress_line(w, "[warm-up]"))
-            for c in concurrencies:
-                for rep in range(args.repeats):
-                    for t in runnable:
-                        if t.service is not None and not t.service.alive():
-                            r = RunResult(
-                                t.name, c, rep, error=f"{t.name} is not running: {t.service.log_tail(800)}"
-                            )
-                        else:
-                            r = run_loadgen(args, t, upstream, c, args.tokens, args.rounds)
-                            r.repeat = rep
-                        results.append(r)
-                        log(progress_line(r, f"[c={c} rep {rep + 1}/{args.repeats}]"))
-                        if r.error and t.service is not None and not t.service.alive():
-                            notes.append(
-                                f"{t.name} died during the c={c} run (exit {t.service.popen.returncode}):"
-                                f"\n\n```\n{t.service.log_tail(2000)}\n```"
-                            )
+                    progress.advance(task)
+                for lv, rep, t in plan:
+                    reps = args.repeats if lv.profile.name == "fast" else args.big_repeats
+                    label = f"[{lv.concurrency} {lv.profile.name} rep {rep + 1}/{reps}]"
+                    progress.update(task, description=f"{label} {t.name}")
+                    if t.service is not None and not t.service.alive():
+                        r = RunResult(
+                            t.name,
+                            lv.concurrency,
+                            rep,
+                            lv.key,
+                            error=f"{t.name} is not running: {t.service.log_tail(800)}",
+                        )
+                    else:
+                        r = run_loadgen(args, t, upstream, lv, tmp)
+                        r.repeat = rep
+                    results.append(r)
+                    log(progress_line(r, label))
+                    if r.error and t.service is not None and not t.service.alive():
+                        notes.append(
+                            f"{t.name} died during the {lv.key} run (exit {t.service.popen.returncode}):"
+                            f"\n\n```\n{t.service.log_tail(2000)}\n```"
+                        )
+                    progress.advance(task)
+                    if lv.concurrency >= 1000:
+                        time.sleep(args.settle_s)  # let closing sockets and finished streams settle
     except KeyboardInterrupt:
         log("interrupted: processes stopped")
         return 130
@@ -766,15 +1126,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     target_names = [t for t in TARGET_ORDER if any(r.target == t for r in results)]
-    summary = summarize(results, concurrencies, target_names)
+    level_keys = [lv.key for lv in levels]
+    summary = summarize(results, level_keys, target_names)
     for r in results:
         if r.error:
-            notes.append(f"run c={r.concurrency} repeat {r.repeat + 1} {r.target}: {r.error[:500]}")
+            notes.append(f"run {r.level} repeat {r.repeat + 1} {r.target}: {r.error[:500]}")
     for r in results:
         if r.lg and r.lg.get("error_samples"):
-            notes.append(
-                f"{r.target} c={r.concurrency} error samples: " + "; ".join(r.lg["error_samples"][:3])
-            )
+            notes.append(f"{r.target} {r.level} error samples: " + "; ".join(r.lg["error_samples"][:3]))
             break
 
     lg_runs = [r for r in results if r.lg]
@@ -789,11 +1148,25 @@ def main(argv: list[str] | None = None) -> int:
         if bg_median > 0.25:
             msg += " The machine was busy: treat these numbers as disturbed and rerun on a quiet machine."
         notes.insert(0, msg)
-    section = render(args, started, summary, target_names, failed_names, notes, lg_share)
+    if args.scale:
+        plot_note = ""
+        if args.plot:
+            plot_note = plot_scale(summary, levels, args.plot)
+            if not plot_note.startswith("plot skipped"):
+                out_dir = (args.out.parent if args.out else Path("docs")).resolve()
+                with contextlib.suppress(ValueError):
+                    plot_note = str(args.plot.resolve().relative_to(out_dir))
+        section = render_scale(
+            args, started, summary, levels, target_names, failed_names, notes, nofile, plot_note
+        )
+        start, end = SCALE_START, SCALE_END
+    else:
+        section = render(args, started, by_concurrency(summary), target_names, failed_names, notes, lg_share)
+        start, end = SECTION_START, SECTION_END
     print(section)
     if args.out:
         out = args.out if args.out.is_absolute() else Path.cwd() / args.out
-        write_section(out, section)
+        write_section(out, section, start, end)
         log(f"wrote {out}")
     if args.json_out:
         args.json_out.write_text(
@@ -801,12 +1174,14 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     {
                         "target": r.target,
+                        "level": r.level,
                         "concurrency": r.concurrency,
                         "repeat": r.repeat,
                         "relay_cpu_s": r.relay_cpu_s,
                         "upstream_cpu_s": r.upstream_cpu_s,
                         "other_cpu_s": r.other_cpu_s,
                         "peak_rss_mb": r.peak_rss_mb,
+                        "idle_rss_mb": r.idle_rss_mb,
                         "error": r.error,
                         "loadgen": r.lg,
                     }
@@ -821,7 +1196,7 @@ def main(argv: list[str] | None = None) -> int:
 def render(
     args: argparse.Namespace,
     started: dt.datetime,
-    summary: dict[tuple[int, str], dict[str, float | None]],
+    summary: dict[tuple[int, str], Row],
     targets: list[str],
     failed: list[str],
     notes: list[str],
@@ -859,6 +1234,251 @@ def render(
     if notes:
         parts += ["", "Notes:", ""] + [f"- {n}" if "\n" not in n else f"- {n}\n" for n in notes]
     return "\n".join(parts) + "\n"
+
+
+def scale_checks(summary: dict[tuple[str, str], Row], levels: list[Level]) -> list[tuple[str, str, str, str]]:
+    """The issue-7 targets as (level, target, measured, verdict) rows, from this one run."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def get(lv: str, t: str, key: str) -> float | None:
+        row = summary.get((lv, t))
+        return row.get(key) if row else None
+
+    def verdict(ok: bool | None) -> str:
+        return "—" if ok is None else ("PASS" if ok else "FAIL")
+
+    relays = ("tokenrelay", "tokenrelay-2w")
+    keys = [lv.key for lv in levels]
+    for lv in keys:
+        ngx = get(lv, "nginx", "chunks_per_cpu_s")
+        for t in relays:
+            v = get(lv, t, "chunks_per_cpu_s")
+            if ngx and v:
+                measured = f"{v / ngx:.2f}x ({fmt(v, 0)} / {fmt(ngx, 0)})"
+                rows.append((lv, f"{t}: chunks per CPU-s >= 0.5x nginx's", measured, verdict(v / ngx >= 0.5)))
+    for lv, limit in (("100:fast", 2.0), ("1000:paced", 20.0)):
+        for t in relays:
+            v = get(lv, t, "added_ttft_p99_ms")
+            if v is not None:
+                rows.append((lv, f"{t}: added TTFT p99 <= {limit:g} ms", f"{v:.2f} ms", verdict(v <= limit)))
+    lv = "10000:paced"
+    for t in relays:
+        if (lv, t) not in summary:
+            continue
+        failed = get(lv, t, "failed_streams")
+        gap = get(lv, t, "gap_p99_ms")
+        rss = get(lv, t, "peak_rss_mb")
+        rows.append(
+            (
+                lv,
+                f"{t}: every stream complete",
+                "no run" if failed is None else f"{fmt(failed, 0)} failed",
+                verdict(None if failed is None else failed == 0),
+            )
+        )
+        if gap is not None:
+            rows.append((lv, f"{t}: gap p99 <= 1,050 ms", f"{gap:.1f} ms", verdict(gap <= 1050)))
+        if rss is not None:
+            rows.append((lv, f"{t}: peak RSS <= 1 GiB", f"{rss:.0f} MB", verdict(rss <= 1073.7)))
+    for lv in keys:
+        if not lv.endswith(":sat"):
+            continue
+        one, two = get(lv, "tokenrelay", "chunks_per_s"), get(lv, "tokenrelay-2w", "chunks_per_s")
+        if one and two:
+            rows.append(
+                (
+                    lv,
+                    "2 workers >= 1.7x the chunks/s of 1 worker",
+                    f"{two / one:.2f}x ({fmt(two, 0)} / {fmt(one, 0)})",
+                    verdict(two / one >= 1.7),
+                )
+            )
+    for lv in keys:
+        base_ttft = get(lv, "tokenrelay", "added_ttft_p99_ms")
+        base_cpu = get(lv, "tokenrelay", "cpu_us_per_content_chunk")
+        for t in ("tokenrelay-anthropic", "tokenrelay-ws"):
+            ttft = get(lv, t, "added_ttft_p99_ms")
+            cpu = get(lv, t, "cpu_us_per_content_chunk")
+            if ttft is not None and base_ttft is not None:
+                ok = None if base_ttft <= 0 else ttft <= 1.3 * base_ttft
+                ratio = f"{ttft / base_ttft:.2f}x" if base_ttft > 0 else "n/a"
+                measured = f"{ratio} ({ttft:.2f} / {base_ttft:.2f} ms)"
+                rows.append((lv, f"{t}: added TTFT p99 <= 1.3x OpenAI's", measured, verdict(ok)))
+            if cpu is not None and base_cpu:
+                rows.append(
+                    (
+                        lv,
+                        f"{t}: CPU per content chunk <= 1.3x OpenAI's",
+                        f"{cpu / base_cpu:.2f}x ({cpu:.1f} / {base_cpu:.1f} us)",
+                        verdict(cpu <= 1.3 * base_cpu),
+                    )
+                )
+    return rows
+
+
+def scale_table(summary: dict[tuple[str, str], Row], levels: list[Level], failed: list[str]) -> str:
+    head = (
+        "| streams | profile | target | TTFT p50 / p99 ms | added TTFT p50 / p99 ms | gap p99 ms | chunks/s "
+        "| relay CPU s | chunks / relay CPU-s | relay CPU us / content chunk | peak RSS MB | RSS / stream KB "
+        "| errors / incomplete | loadgen CPU % of a core | other CPU s |"
+    )
+    lines = [head, "|" + "---|" * 15]
+    for lv in levels:
+        for t in TARGET_ORDER:
+            if t in failed:
+                lines.append(
+                    f"| {lv.concurrency:,} | {lv.profile.name} | {t} | did not start (see notes) |"
+                    + " |" * 11
+                )
+                continue
+            row = summary.get((lv.key, t))
+            if row is None:
+                continue
+            err_cell = f"{fmt(row['errors'], 0)} / {fmt(row['incomplete'], 0)}"
+            if row["failed_runs"]:
+                err_cell += f" ({fmt(row['failed_runs'], 0)} runs failed)"
+            share = row["loadgen_cpu_share"]
+            lines.append(
+                f"| {lv.concurrency:,} | {lv.profile.name} | {t} "
+                f"| {fmt(row['ttft_p50_ms'])} / {fmt(row['ttft_p99_ms'])} "
+                f"| {fmt(row['added_ttft_p50_ms'])} / {fmt(row['added_ttft_p99_ms'])} "
+                f"| {fmt(row['gap_p99_ms'])} | {fmt(row['chunks_per_s'], 0)} | {fmt(row['relay_cpu_s'], 2)} "
+                f"| {fmt(row['chunks_per_cpu_s'], 0)} "
+                f"| {fmt(row['cpu_us_per_content_chunk'], 1)} | {fmt(row['peak_rss_mb'], 0)} "
+                f"| {fmt(row['rss_per_stream_kb'], 1)} | {err_cell} "
+                f"| {fmt(share * 100 if share is not None else None, 1)} | {fmt(row['other_cpu_s'], 1)} |"
+            )
+    return "\n".join(lines)
+
+
+def render_scale(
+    args: argparse.Namespace,
+    started: dt.datetime,
+    summary: dict[tuple[str, str], Row],
+    levels: list[Level],
+    targets: list[str],
+    failed: list[str],
+    notes: list[str],
+    nofile: tuple[int, int],
+    plot: str,
+) -> str:
+    """The scale suite's markdown section."""
+    py = subprocess.run(
+        [args.relay_python or sys.executable, "--version"], capture_output=True, text=True
+    ).stdout.strip()
+    somaxconn = "?"
+    with contextlib.suppress(OSError):
+        somaxconn = Path("/proc/sys/net/core/somaxconn").read_text().strip()
+    profiles = {lv.profile.name: lv.profile for lv in levels}
+    desc = {
+        "fast": "{tokens} tokens {interval_ms:g} ms apart, {rounds} streams per connection back to back, "
+        "connections opened {ramp_batch} every {ramp_interval_ms:g} ms, {reps} repeats (medians)",
+        "paced": "{tokens} tokens {interval_ms:g} ms apart (one per second), one stream per connection, "
+        "connections opened {ramp_batch} every {ramp_interval_ms:g} ms, {reps} run(s)",
+        "sat": "{tokens} tokens {interval_ms:g} ms apart, one wave, connections opened {ramp_batch} every "
+        "{ramp_interval_ms:g} ms: more than one worker can relay on this machine, {reps} run(s)",
+    }
+    parts = [
+        "## Scale benchmark (issue 7)",
+        "",
+        f"- Command: `{display_command()}` (what `make bench` runs)",
+        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Machine: {os.cpu_count()} CPUs (nproc), {cpu_model()}, {platform.system()} {platform.release()}, "
+        f"{py}; open files {nofile[0]} (raised by the harness, inherited by every process), "
+        f"somaxconn {somaxconn}. "
+        "Everything (load generator, fake upstream, relays) shares these CPUs, and other engineers' jobs ran "
+        "on the machine at the same time: see the *other CPU* column.",
+    ]
+    for name, prof in profiles.items():
+        reps = args.repeats if name == "fast" else args.big_repeats
+        parts.append(f"- Profile `{name}`: " + desc[name].format(reps=reps, **dataclasses.asdict(prof)) + ".")
+    parts += [
+        "- tokenrelay as measured: "
+        + (
+            "every request carries an API key (`tokenrelay keys create`, SQLite database) on a plan with a "
+            "requests-per-minute limit that is checked on each request and never reached; usage and audit "
+            "records written to SQLite; Prometheus metrics; the in-memory resume log (every stream "
+            "resumable for `stream_ttl_seconds`); `obfuscation` padding on Chat chunks (the default). "
+            if args.features
+            else "open mode (no keys), default settings. "
+        )
+        + "`tokenrelay-2w` is `--workers 2` (SO_REUSEPORT, state per worker, no Redis); "
+        "`tokenrelay-anthropic` and `tokenrelay-ws` are the 1-worker gateway through `/v1/messages` and "
+        "`/v1/ws/chat`.",
+        "- Added TTFT = target TTFT - direct TTFT of the same level and repeat. Chunks = events received "
+        "(SSE `data:` events other than the terminator; WebSocket messages other than `done`); content "
+        "chunks = those carrying text, the figure compared across protocols. Relay CPU = user+system of the "
+        "relay's process tree; RSS / stream = (peak RSS during the run - RSS just before it) / streams. "
+        "Loadgen CPU % shows the load generator is not the bottleneck; other CPU = machine-wide busy CPU not "
+        "used by the relay, upstream, load generator or harness (noise).",
+        "",
+        scale_table(summary, levels, failed),
+        "",
+        "Targets (issue 7), all ratios from this one run:",
+        "",
+        "| level | target | measured | |",
+        "|---|---|---|---|",
+    ]
+    parts += [
+        f"| {lv} | {label} | {value} | {ok} |" for lv, label, value, ok in scale_checks(summary, levels)
+    ]
+    if plot:
+        parts += ["", f"![added first-token time and relay CPU per chunk against concurrency]({plot})"]
+    if notes:
+        parts += ["", "Notes:", ""] + [f"- {n}" if "\n" not in n else f"- {n}\n" for n in notes]
+    return "\n".join(parts) + "\n"
+
+
+def plot_scale(summary: dict[tuple[str, str], Row], levels: list[Level], out: Path) -> str:
+    """Added TTFT p99 and relay CPU per chunk against concurrency, one line per relay; returns the path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        msg = "plot skipped: matplotlib is not installed (pip install -e '.[bench]')"
+        log(msg)
+        return msg
+    curve = [lv for lv in levels if lv.profile.name in ("fast", "paced")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {
+        "nginx": ("tab:gray", "s", "-"),
+        "tokenrelay": ("tab:blue", "o", "-"),
+        "tokenrelay-2w": ("tab:green", "^", "-"),
+        "tokenrelay-anthropic": ("tab:orange", "D", ":"),
+        "tokenrelay-ws": ("tab:purple", "v", ":"),
+    }
+    for t, (color, marker, ls) in styles.items():
+        xs, ttft, cpu = [], [], []
+        for lv in curve:
+            row = summary.get((lv.key, t))
+            if row is None:
+                continue
+            xs.append(lv.concurrency)
+            added = row.get("added_ttft_p99_ms")
+            ttft.append(max(added, 0.01) if added is not None else float("nan"))
+            cps = row.get("chunks_per_cpu_s")
+            cpu.append(1e6 / cps if cps else float("nan"))
+        if xs:
+            ax1.plot(xs, ttft, marker=marker, linestyle=ls, color=color, label=t)
+            ax2.plot(xs, cpu, marker=marker, linestyle=ls, color=color, label=t)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent streams (5, 100: 20 ms tokens; 1,000, 10,000: 1 token/s)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.set_ylabel("added first-token time p99 (ms)")
+    ax1.set_title("Added TTFT p99 over direct")
+    ax2.set_ylabel("relay CPU per chunk (us)")
+    ax2.set_title("Relay CPU per delivered chunk")
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    log(f"wrote {out}")
+    return str(out)
 
 
 if __name__ == "__main__":
