@@ -1151,7 +1151,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale:
         plot_note = ""
         if args.plot:
-            plot_note = plot_scale(summary, levels, args.plot)
+            try:
+                plot_note = plot_scale(summary, levels, args.plot)
+            except Exception as exc:  # a broken plot must not lose the run's tables
+                plot_note = f"plot skipped: {exc!r}"
+                log(plot_note)
             if not plot_note.startswith("plot skipped"):
                 out_dir = (args.out.parent if args.out else Path("docs")).resolve()
                 with contextlib.suppress(ValueError):
@@ -1422,7 +1426,9 @@ def render_scale(
     parts += [
         f"| {lv} | {label} | {value} | {ok} |" for lv, label, value, ok in scale_checks(summary, levels)
     ]
-    if plot:
+    if plot.startswith("plot skipped"):
+        notes.append(plot)
+    elif plot:
         parts += ["", f"![added first-token time and relay CPU per chunk against concurrency]({plot})"]
     if notes:
         parts += ["", "Notes:", ""] + [f"- {n}" if "\n" not in n else f"- {n}\n" for n in notes]
