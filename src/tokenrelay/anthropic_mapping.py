@@ -149,6 +149,7 @@ def _tool_result_text(block: ToolResultBlock) -> str:
 def request_to_internal(wire: MessagesRequest) -> ChatRequest:
     """An inbound Anthropic request as the internal (OpenAI-shaped) request; 400s name the field."""
     messages: list[Message] = []
+    media: list[str] = []  # where each image block sits, for providers that take text only
     if wire.system:
         messages.append(SystemMessage(content=_text(wire.system)))
     for i, msg in enumerate(wire.messages):
@@ -168,6 +169,7 @@ def request_to_internal(wire: MessagesRequest) -> ChatRequest:
                     parts.append(TextPart(text=block.text))
                 elif isinstance(block, ImageBlock):
                     parts.append(ImagePart(image_url=ImageURL(url=_image_url(block))))
+                    media.append(f"messages[{i}].content[{j}]")
                 elif isinstance(block, DocumentBlock):
                     raise invalid(
                         "Document blocks are not supported by this gateway.",
@@ -260,6 +262,7 @@ def request_to_internal(wire: MessagesRequest) -> ChatRequest:
         parallel_tool_calls=parallel,
         user=wire.metadata.user_id if wire.metadata else None,
         thinking=wire.thinking,
+        media_params=media,
         include_usage=True,
         mock=wire.mock,
     )

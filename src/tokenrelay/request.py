@@ -37,6 +37,10 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     obfuscation: bool | None = (
         None  # side-channel padding; None: the protocol's default (protocol/padding.py)
     )
+    # Where each non-text input part (image, audio, file) sits in the client's own request, in order of
+    # appearance ("messages[0].content[1]", "input[2].content[0]", "messages[1].images[0]"): the decoders
+    # record it so a provider that takes text only names the client's field in its 400, whatever the protocol.
+    media_params: list[str] = msgspec.field(default_factory=list)
     # Fields no stage models (logprobs, logit_bias, reasoning_effort ...), passed to OpenAI-compatible
     # upstreams untouched so new upstream features work without a gateway release.
     extra: dict[str, Any] = msgspec.field(default_factory=dict)

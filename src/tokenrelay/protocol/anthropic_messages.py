@@ -10,6 +10,7 @@ Every event carries an ``event:`` line equal to its ``type`` (the SDK dispatches
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -20,11 +21,16 @@ from tokenrelay.errors import GatewayError
 from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from tokenrelay.protocol.base import Collected, StreamEncoder, StreamInfo, WireProtocol
 from tokenrelay.protocol.padding import comment
-from tokenrelay.protocol.validation import decode_body
+from tokenrelay.protocol.validation import Renames, decode_body, wire_param
 from tokenrelay.request import ChatRequest
 
 _encode = msgspec.json.encode
 _request = msgspec.json.Decoder(MessagesRequest)
+# internal field names a provider's 400 may carry -> where the field sits in a Messages request
+_PARAMS: Renames = (
+    (re.compile(r"^(tools\[\d+\])\.function\.parameters"), r"\1.input_schema"),
+    (re.compile(r"^tool_choice\.function\.name"), "tool_choice.name"),
+)
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 _STOP_EVENT = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
@@ -184,5 +190,6 @@ class AnthropicMessages(WireProtocol):
     def error_body(self, err: GatewayError) -> dict[str, Any]:
         body = mapping.error_body(err.status, err.message)
         if err.param:
-            body["error"]["param"] = err.param  # not in Anthropic's schema, harmless, and names the field
+            # not in Anthropic's schema, harmless, and names the field
+            body["error"]["param"] = wire_param(err.param, _PARAMS)
         return body

@@ -26,6 +26,7 @@ from tokenrelay.openai_wire import (
     ImagePart,
     ImageURL,
     Message,
+    NamedToolChoice,
     SystemMessage,
     TextPart,
     Tool,
@@ -86,6 +87,9 @@ class ChatBody(Struct, forbid_unknown_fields=False):
     options: OllamaOptions | None = None
     keep_alive: str | int | None = None
     think: bool | str | None = None
+    # tokenrelay extension (Ollama has no such field): OpenAI's tool_choice, so that a client can make a
+    # model that never picks a tool by itself (the embedded one) call one
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     mock: dict[str, Any] | None = None  # tokenrelay extension, as on the other endpoints
 
 
@@ -119,11 +123,13 @@ def _image(data: str) -> ImagePart:
     return ImagePart(image_url=ImageURL(url=f"data:{media};base64,{data}"))
 
 
-def _user(content: str, images: list[str] | None) -> UserMessage:
+def _user(content: str, images: list[str] | None, where: str, media: list[str]) -> UserMessage:
+    """A user turn; where each of its images sits (``messages[i].images[k]``) is appended to ``media``."""
     if not images:
         return UserMessage(content=content)
     parts: list[UserPart] = [TextPart(text=content)] if content else []
     parts.extend(_image(img) for img in images)
+    media.extend(f"{where}images[{k}]" for k in range(len(images)))
     return UserMessage(content=parts)
 
 
@@ -144,7 +150,9 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
     return wire
 
 
-def _request(wire: ChatBody | GenerateBody, messages: list[Message], tools: list[Tool] | None) -> ChatRequest:
+def _request(
+    wire: ChatBody | GenerateBody, messages: list[Message], tools: list[Tool] | None, media: list[str]
+) -> ChatRequest:
     opts = wire.options or OllamaOptions()
     return ChatRequest(
         model=wire.model,
@@ -160,6 +168,7 @@ def _request(wire: ChatBody | GenerateBody, messages: list[Message], tools: list
         frequency_penalty=opts.frequency_penalty,
         tools=tools,
         response_format=_format(wire.format),
+        media_params=media,
         include_usage=True,
         mock=wire.mock,
     )
@@ -170,13 +179,14 @@ def decode_chat(body: bytes) -> ChatRequest:
     if not wire.messages:
         raise invalid("'messages' must not be empty.", param="messages")
     messages: list[Message] = []
+    media: list[str] = []
     pending: list[ToolCall] = []  # the last assistant turn's calls, answered in order by tool messages
     for i, msg in enumerate(wire.messages):
         content = msg.content or ""
         if msg.role == "system":
             messages.append(SystemMessage(content=content))
         elif msg.role == "user":
-            messages.append(_user(content, msg.images))
+            messages.append(_user(content, msg.images, f"messages[{i}].", media))
         elif msg.role == "assistant":
             calls = [
                 ToolCall(
@@ -206,7 +216,11 @@ def decode_chat(body: bytes) -> ChatRequest:
             pending.remove(match)
             messages.append(ToolMessage(content=content, tool_call_id=match.id))
     tools = [Tool(function=t.function) for t in wire.tools] if wire.tools else None
-    return _request(wire, messages, tools)
+    if wire.tool_choice not in (None, "auto", "none") and not tools:
+        raise invalid("'tool_choice' needs 'tools'.", param="tool_choice")
+    req = _request(wire, messages, tools, media)
+    req.tool_choice = wire.tool_choice
+    return req
 
 
 def decode_generate(body: bytes) -> ChatRequest:
@@ -214,8 +228,9 @@ def decode_generate(body: bytes) -> ChatRequest:
     messages: list[Message] = []
     if wire.system:
         messages.append(SystemMessage(content=wire.system))
-    messages.append(_user(wire.prompt, wire.images))
-    return _request(wire, messages, None)
+    media: list[str] = []
+    messages.append(_user(wire.prompt, wire.images, "", media))
+    return _request(wire, messages, None, media)
 
 
 def _now() -> str:

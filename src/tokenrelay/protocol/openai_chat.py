@@ -23,7 +23,7 @@ from tokenrelay.events import (
     ToolCallDelta,
     Usage,
 )
-from tokenrelay.openai_wire import REQUEST_FIELDS, ChatCompletionRequest
+from tokenrelay.openai_wire import REQUEST_FIELDS, ChatCompletionRequest, Message, TextPart, UserMessage
 from tokenrelay.protocol.base import Collected, StreamEncoder, StreamInfo, WireProtocol
 from tokenrelay.protocol.padding import obfuscation_field
 from tokenrelay.protocol.validation import decode_body
@@ -40,6 +40,17 @@ def decode_request(body: bytes) -> ChatRequest:
     top, wire = decode_body(_request, body)
     extra = {k: msgspec.json.decode(v) for k, v in top.items() if k not in REQUEST_FIELDS}
     return to_internal(wire, extra)
+
+
+def media_params(messages: list[Message]) -> list[str]:
+    """Where the non-text parts (images, audio, files) of these Chat messages sit, for ``media_params``."""
+    return [
+        f"messages[{i}].content[{j}]"
+        for i, msg in enumerate(messages)
+        if type(msg) is UserMessage and isinstance(msg.content, list)
+        for j, part in enumerate(msg.content)
+        if type(part) is not TextPart
+    ]
 
 
 def to_internal(wire: ChatCompletionRequest, extra: dict[str, Any]) -> ChatRequest:
@@ -72,6 +83,7 @@ def to_internal(wire: ChatCompletionRequest, extra: dict[str, Any]) -> ChatReque
         parallel_tool_calls=wire.parallel_tool_calls,
         response_format=wire.response_format,
         user=wire.user,
+        media_params=media_params(wire.messages),
         include_usage=bool(opts and opts.include_usage),
         on_disconnect=opts.on_disconnect if opts else None,
         obfuscation=opts.include_obfuscation if opts else None,

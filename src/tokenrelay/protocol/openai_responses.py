@@ -11,6 +11,7 @@ Stateless: ``previous_response_id`` and stored responses are not supported (a cl
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal
 
@@ -40,7 +41,7 @@ from tokenrelay.openai_wire import (
 from tokenrelay.protocol import openai_chat
 from tokenrelay.protocol.base import Collected, StreamEncoder, StreamInfo, WireProtocol
 from tokenrelay.protocol.padding import obfuscation_field
-from tokenrelay.protocol.validation import decode_body, field_error
+from tokenrelay.protocol.validation import Renames, decode_body, field_error, wire_param
 from tokenrelay.request import ChatRequest
 
 _encode = msgspec.json.encode
@@ -152,6 +153,13 @@ class ResponsesRequest(Struct, forbid_unknown_fields=False):
 
 
 _request = msgspec.json.Decoder(ResponsesRequest)
+# internal field names a provider's 400 may carry -> where the field sits in a Responses request
+_PARAMS: Renames = (
+    (re.compile(r"^response_format\.json_schema\.schema"), "text.format.schema"),
+    (re.compile(r"^response_format"), "text.format"),
+    (re.compile(r"^(tools\[\d+\])\.function\."), r"\1."),
+    (re.compile(r"^tool_choice\.function\.name"), "tool_choice.name"),
+)
 
 
 def _convert(obj: Any, typ: type[Any], where: str) -> Any:
@@ -162,13 +170,14 @@ def _convert(obj: Any, typ: type[Any], where: str) -> Any:
         raise field_error(exc, where) from exc
 
 
-def _user_parts(content: list[ContentPart], where: str) -> str | list[UserPart]:
+def _user_parts(content: list[ContentPart], where: str, media: list[str]) -> str | list[UserPart]:
     parts: list[UserPart] = []
     for j, part in enumerate(content):
         if isinstance(part, InputText | OutputText):
             parts.append(TextPart(text=part.text))
         elif isinstance(part, InputImage) and part.image_url:
             parts.append(ImagePart(image_url=ImageURL(url=part.image_url, detail=part.detail)))
+            media.append(f"{where}.content[{j}]")
         else:
             raise invalid("Only text and image_url parts are supported here.", param=f"{where}.content[{j}]")
     if len(parts) == 1 and isinstance(parts[0], TextPart):
@@ -182,7 +191,8 @@ def _text_of(content: str | list[Any]) -> str:
     return "".join(getattr(p, "text", "") or getattr(p, "refusal", "") for p in content)
 
 
-def _messages(wire: ResponsesRequest) -> list[Message]:
+def _messages(wire: ResponsesRequest, media: list[str]) -> list[Message]:
+    """The conversation in Chat terms; where each image sits in ``input`` is appended to ``media``."""
     messages: list[Message] = []
     if wire.instructions:
         messages.append(SystemMessage(content=wire.instructions))
@@ -197,7 +207,9 @@ def _messages(wire: ResponsesRequest) -> list[Message]:
         if kind == "message":
             msg = _convert(item, MessageItem, where)
             if msg.role == "user":
-                content = msg.content if isinstance(msg.content, str) else _user_parts(msg.content, where)
+                content = (
+                    msg.content if isinstance(msg.content, str) else _user_parts(msg.content, where, media)
+                )
                 messages.append(UserMessage(content=content))
             elif msg.role == "assistant":
                 messages.append(AssistantMessage(content=_text_of(msg.content)))
@@ -292,9 +304,11 @@ def decode_request(body: bytes) -> ChatRequest:
     extra: dict[str, Any] = {}
     if wire.reasoning is not None and wire.reasoning.effort:
         extra["reasoning_effort"] = wire.reasoning.effort
+    media: list[str] = []
+    messages = _messages(wire, media)
     return ChatRequest(
         model=wire.model,
-        messages=_messages(wire),
+        messages=messages,
         stream=bool(wire.stream),
         max_tokens=wire.max_output_tokens,
         temperature=wire.temperature,
@@ -304,6 +318,7 @@ def decode_request(body: bytes) -> ChatRequest:
         parallel_tool_calls=wire.parallel_tool_calls,
         response_format=response_format,
         user=wire.user,
+        media_params=media,
         include_usage=True,
         obfuscation=wire.stream_options.include_obfuscation if wire.stream_options else None,
         extra=extra,
@@ -585,4 +600,6 @@ class OpenAIResponses(WireProtocol):
         return body
 
     def error_body(self, err: GatewayError) -> dict[str, Any]:
-        return openai_chat.error_body(err)
+        body = openai_chat.error_body(err)
+        body["error"]["param"] = wire_param(err.param, _PARAMS)
+        return body

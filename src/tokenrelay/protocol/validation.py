@@ -53,3 +53,17 @@ def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> tuple[dict[str
         return top, decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise field_error(exc) from exc
+
+
+Renames = tuple[tuple[re.Pattern[str], str], ...]
+
+
+def wire_param(param: str | None, renames: Renames) -> str | None:
+    """A field named the internal (Chat) way, as the client's protocol names it. Stages after the decoder
+    (a provider refusing a schema, say) only know the internal request; the first matching rename wins."""
+    if param:
+        for pattern, repl in renames:
+            renamed, n = pattern.subn(repl, param, count=1)
+            if n:
+                return renamed
+    return param
