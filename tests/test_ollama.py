@@ -70,3 +70,11 @@ def test_errors(client: ollama.Client, gateway: Server) -> None:
     body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "mock": {"cut_after": 2}}
     lines = [json.loads(line) for line in raw_post(gateway.port, "/api/chat", body).body.split(b"\n") if line]
     assert len(lines) == 3 and "error" in lines[-1]  # two tokens, then the error line
+
+
+def test_a_first_token_slower_than_the_keepalive_interval(client: ollama.Client, gateway: Server) -> None:
+    """NDJSON has no keep-alive line: a due keep-alive must re-arm, not spin the event loop (it did, and the
+    model's tokens never came in)."""
+    parts = list(client.chat(model="slow", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert parts[-1].done and "".join(p.message.content or "" for p in parts).strip()
+    assert gateway.get_json("/healthz") == {"status": "ok"}

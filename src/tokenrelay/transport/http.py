@@ -721,6 +721,10 @@ class HttpApp:
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                     follower.wrote()
+                elif not batch:
+                    # a keep-alive was due but this protocol has none (NDJSON): re-arm it, or next_batch
+                    # returns [] at once, forever, and the loop never runs the model's events in
+                    follower.wrote()
                 delivered = follower.cursor
             if follower.gone:
                 return 499
