@@ -6,6 +6,11 @@ first request has no cold start. One engine thread serialises generations: later
 executor's FIFO while their clients already get keep-alives. The thread hands each token to the event
 loop with ``call_soon_threadsafe`` and checks a cancel flag after every token, so a client that leaves
 stops its generation within one token.
+
+JSON mode, JSON schemas and tool calls are enforced with llama.cpp grammars (``llamacpp_grammar``). A
+grammar is built once per schema, in a second thread of its own so that a bad schema gets its 400 at once
+instead of queueing behind generations, and kept in a small LRU cache keyed by the schema's canonical JSON.
+Images and other non-text inputs are refused with a 400 naming the client's field, before the stream.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import importlib.resources
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,10 +29,11 @@ from typing import Any
 import msgspec
 
 from tokenrelay.config import ModelConfig
-from tokenrelay.errors import invalid
-from tokenrelay.events import Error, Event, Finish, TextDelta, Usage
-from tokenrelay.openai_wire import TextPart
+from tokenrelay.errors import GatewayError, invalid
+from tokenrelay.events import Error, Event, Finish, TextDelta, ToolCallDelta, Usage
+from tokenrelay.openai_wire import AssistantMessage, AudioPart, ImagePart, RefusalPart, TextPart
 from tokenrelay.providers.base import Provider
+from tokenrelay.providers.llamacpp_grammar import CallText, Constraint, compile_grammar, plan
 from tokenrelay.request import ChatRequest
 
 # Sampling defaults that keep a 135M model on topic; a request's own values win.
@@ -41,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "chat_format": None,  # None: the chat template stored in the GGUF
 }
 _LOAD_KEYS = ("n_ctx", "n_threads", "n_batch", "chat_format")
+GRAMMAR_CACHE_SIZE = 64
 
 
 def default_model_path() -> Path:
@@ -80,6 +88,12 @@ class LlamaCppProvider(Provider):
         self.options = {**DEFAULTS, **cfg.options}
         self.model_path = Path(cfg.model_path) if cfg.model_path else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"llamacpp-{cfg.name}")
+        self._grammar_executor = ThreadPoolExecutor(1, thread_name_prefix=f"llamacpp-grammar-{cfg.name}")
+        # Constraint.key() -> the grammar being built or built (or the 400 it gave): concurrent requests
+        # with one schema share one build, and a schema that failed fails again at once
+        self._grammars: OrderedDict[bytes, asyncio.Future[Any]] = OrderedDict()
+        self.grammar_builds = 0
+        self.last_grammar_ms: float | None = None
         self._llm: Any = None
         self.queued = 0  # requests waiting for or holding the engine
         self.load_seconds: float | None = None
@@ -116,50 +130,105 @@ class LlamaCppProvider(Provider):
             "cancelled": self.cancelled,
             "last_cancel_tokens": self.last_cancel_tokens,
             "load_seconds": self.load_seconds,
+            "grammars_cached": len(self._grammars),
+            "grammar_builds": self.grammar_builds,
+            "last_grammar_ms": self.last_grammar_ms,
         }
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._grammar_executor.shutdown(wait=False, cancel_futures=True)
 
-    def _messages(self, req: ChatRequest) -> list[dict[str, Any]]:
+    async def _grammar(self, constraint: Constraint) -> Any:
+        """The compiled grammar for a constraint, from the cache or built in the grammar thread."""
+        key = constraint.key()
+        fut = self._grammars.get(key)
+        if fut is not None:
+            self._grammars.move_to_end(key)
+        else:
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(self._grammar_executor, self._build_grammar, constraint)
+            self._grammars[key] = fut
+            if len(self._grammars) > GRAMMAR_CACHE_SIZE:
+                self._grammars.popitem(last=False)
+        try:
+            # shielded: a client that leaves while its grammar builds must not cancel the shared build
+            return await asyncio.shield(fut)
+        except GatewayError:
+            raise  # the schema's own fault: stays cached, the same schema fails again at once
+        except Exception as exc:
+            if self._grammars.get(key) is fut:
+                del self._grammars[key]
+            raise GatewayError(500, f"building the grammar failed: {exc}", type="engine_error") from exc
+
+    def _build_grammar(self, constraint: Constraint) -> Any:
+        """Runs in the grammar thread."""
+        t0 = time.perf_counter()
+        try:
+            return compile_grammar(constraint, self._llm._model.vocab)
+        finally:
+            self.grammar_builds += 1
+            self.last_grammar_ms = (time.perf_counter() - t0) * 1000
+
+    def _messages(self, req: ChatRequest, constraint: Constraint | None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for i, msg in enumerate(req.messages):
             raw = msgspec.to_builtins(msg)
             content = msg.content
             if isinstance(content, list):
-                if any(not isinstance(p, TextPart) for p in content):
-                    raise invalid(
-                        "The embedded model accepts text only; this message has image, audio or file parts.",
-                        param=f"messages[{i}].content",
-                        code="unsupported_content",
-                    )
-                raw["content"] = "".join(p.text for p in content if isinstance(p, TextPart))
+                texts: list[str] = []
+                for j, part in enumerate(content):
+                    if isinstance(part, TextPart):
+                        texts.append(part.text)
+                    elif isinstance(part, RefusalPart):
+                        texts.append(part.refusal)
+                    else:  # the first non-text part of the request: the decoders' first record
+                        raise _refused(part, req.media_params[0] if req.media_params else None, i, j)
+                raw["content"] = "".join(texts)
             elif content is None:
                 raw["content"] = ""
             if raw["role"] == "developer":
                 raw["role"] = "system"
             raw.pop("tool_calls", None)
+            if isinstance(msg, AssistantMessage) and msg.tool_calls:
+                # the model sees its earlier calls written the way it is asked to write them
+                written = [
+                    '{"name": '
+                    + msgspec.json.encode(c.function.name).decode()
+                    + ', "arguments": '
+                    + (c.function.arguments or "{}")
+                    + "}"
+                    for c in msg.tool_calls
+                ]
+                raw["content"] = "\n".join([raw["content"], *written]).strip()
             out.append(raw)
+        if constraint is not None:
+            if out and out[0]["role"] == "system":
+                out[0]["content"] = f"{out[0]['content']}\n\n{constraint.instruction}".lstrip()
+            else:
+                out.insert(0, {"role": "system", "content": constraint.instruction})
         return out
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
-        if req.tools and req.tool_choice not in (None, "none"):
-            raise invalid(
-                "The embedded model does not support tool calling yet.",
-                param="tools",
-                code="unsupported_parameter",
-            )
-        messages = self._messages(req)
+        constraint = plan(req)
+        messages = self._messages(req, constraint)
+        if self._continues(messages):
+            # an assistant prefix is continued as text (what mid-stream failover sends): a grammar would
+            # have to start from the middle of the document, so none is used then
+            constraint = None
+        grammar = await self._grammar(constraint) if constraint is not None else None
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | _Done] = asyncio.Queue()
+        queue: asyncio.Queue[str | ToolCallDelta | _Done] = asyncio.Queue()
         cancel = threading.Event()
         push = queue.put_nowait
 
-        def emit(item: str | _Done) -> None:
+        def emit(item: str | ToolCallDelta | _Done) -> None:
             loop.call_soon_threadsafe(push, item)
 
         self.queued += 1
-        job = loop.run_in_executor(self._executor, self._generate, req, messages, cancel, emit)
+        job = loop.run_in_executor(
+            self._executor, self._generate, req, messages, cancel, emit, constraint, grammar
+        )
         try:
             yield []
             while True:
@@ -178,7 +247,7 @@ class LlamaCppProvider(Provider):
                             batch.append(Finish(item.finish))  # type: ignore[arg-type]
                         yield batch
                         return
-                    batch.append(TextDelta(item))
+                    batch.append(TextDelta(item) if type(item) is str else item)  # type: ignore[arg-type]
                     if queue.empty():
                         break
                     item = queue.get_nowait()
@@ -189,13 +258,23 @@ class LlamaCppProvider(Provider):
             if not job.done():
                 job.add_done_callback(_swallow)
 
+    def _continues(self, messages: list[dict[str, Any]]) -> bool:
+        """The conversation ends with an assistant prefix that the GGUF's own template can leave open."""
+        last = messages[-1] if messages else None
+        return bool(
+            last is not None
+            and last["role"] == "assistant"
+            and last["content"]
+            and not self.options["chat_format"]
+        )
+
     def _prefill_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]] | None:
         """For a conversation that ends with an assistant message (a prefix to continue, as mid-stream
         failover sends): the prompt tokens with that turn left open, and the stop strings. ``None`` for any
         other conversation, or when a ``chat_format`` overrides the GGUF's own template."""
-        last = messages[-1] if messages else None
-        if last is None or last["role"] != "assistant" or not last["content"] or self.options["chat_format"]:
+        if not self._continues(messages):
             return None
+        last = messages[-1]
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         llm = self._llm
@@ -220,7 +299,9 @@ class LlamaCppProvider(Provider):
         req: ChatRequest,
         messages: list[dict[str, Any]],
         cancel: threading.Event,
-        emit: Callable[[str | _Done], None],
+        emit: Callable[[str | ToolCallDelta | _Done], None],
+        constraint: Constraint | None,
+        grammar: Any,
     ) -> None:
         """Runs in the engine thread."""
         if cancel.is_set():
@@ -237,11 +318,16 @@ class LlamaCppProvider(Provider):
             "max_tokens": req.max_tokens or opts["max_tokens"],
             "temperature": req.temperature if req.temperature is not None else opts["temperature"],
             "top_p": req.top_p if req.top_p is not None else opts["top_p"],
-            "repeat_penalty": opts["repeat_penalty"],
+            # the repeat penalty fights a grammar: JSON repeats its quotes, braces and keys by nature, and a
+            # penalised closing quote makes a small model ramble on inside strings
+            "repeat_penalty": opts["repeat_penalty"] if grammar is None else 1.0,
             "presence_penalty": req.presence_penalty or 0.0,
             "frequency_penalty": req.frequency_penalty or 0.0,
             "seed": req.seed,
         }
+        if grammar is not None:
+            sampling["grammar"] = grammar
+        call = CallText(constraint.free_text) if constraint is not None and constraint.tools else None
         try:
             prefill = self._prefill_prompt(messages)
             if prefill is None:
@@ -259,9 +345,16 @@ class LlamaCppProvider(Provider):
                 text = choice["delta"].get("content") if prefill is None else choice.get("text")
                 if text:
                     produced += 1
-                    emit(text)
+                    if call is None:
+                        emit(text)
+                    else:
+                        piece = call.feed(text)
+                        if piece is not None:
+                            emit(piece)
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
+            if call is not None and call.done:
+                finish = "tool_calls"
             prompt = max(0, int(llm.n_tokens) - produced)
             emit(_Done(finish, prompt, produced))
         except ValueError as exc:  # llama.cpp reports a prompt longer than the context this way
@@ -287,3 +380,14 @@ class LlamaCppProvider(Provider):
 def _swallow(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def _refused(part: Any, param: str | None, i: int, j: int) -> GatewayError:
+    """The 400 for a non-text part; ``param`` is where the client put it (the decoder's record)."""
+    what = "images" if isinstance(part, ImagePart) else "audio" if isinstance(part, AudioPart) else "files"
+    return invalid(
+        f"The embedded model does not accept {what}; it reads text only. Send this request to a model "
+        "that accepts them, or leave the part out.",
+        param=param or f"messages[{i}].content[{j}]",
+        code="unsupported_content",
+    )
