@@ -98,17 +98,19 @@ def _tool_constraint(tools: list[Tool], choice: str | NamedToolChoice | None) ->
                 param="tool_choice.function.name",
             )
     alternatives: list[dict[str, Any]] = []
+    defs: dict[str, Any] = {}
     lines: list[str] = []
-    base = "#/properties/arguments" if len(indexed) == 1 else "#/oneOf/{}/properties/arguments"
     for k, (i, tool) in enumerate(indexed):
         fn = tool.function
         params = fn.parameters if fn.parameters is not None else {"type": "object", "properties": {}}
-        where = f"tools[{i}].function.parameters"
-        _check_refs(params, where)
+        _check_refs(params, f"tools[{i}].function.parameters")
+        # each tool's parameters move to $defs/tool-k, their own references and definitions with them (the
+        # converter resolves references through objects only, and names rules after the last path step)
+        defs[f"tool-{k}"] = _rebase(params, f"#/$defs/tool-{k}", f"t{k}-")
         alternatives.append(
             {
                 "type": "object",
-                "properties": {"name": {"const": fn.name}, "arguments": _rebase(params, base.format(k))},
+                "properties": {"name": {"const": fn.name}, "arguments": {"$ref": f"#/$defs/tool-{k}"}},
                 "required": ["name", "arguments"],
             }
         )
@@ -121,8 +123,9 @@ def _tool_constraint(tools: list[Tool], choice: str | NamedToolChoice | None) ->
         how += f" Call {choice.function.name} now."
     else:
         how += " Call one of them now."
+    schema = alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
     return Constraint(
-        schema=alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives},
+        schema={**schema, "$defs": defs},
         param="tools" if len(indexed) > 1 else f"tools[{indexed[0][0]}].function.parameters",
         instruction="You can call these functions:\n" + "\n".join(lines) + "\n" + how,
         tools=True,
@@ -143,17 +146,27 @@ def _check_refs(schema: Any, where: str) -> None:
             _check_refs(value, where)
 
 
-def _rebase(schema: Any, base: str) -> Any:
-    """A tool's parameters schema moved under ``base`` of the call schema: its local ``$ref``s follow."""
-    if isinstance(schema, dict):
-        out = {k: _rebase(v, base) for k, v in schema.items()}
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#"):
-            out["$ref"] = base + ref[1:]
-        return out
+def _rebase(schema: Any, base: str, prefix: str) -> Any:
+    """A parameters schema moved to ``base`` of the call schema: its local ``$ref``s point there, and its
+    definitions get ``prefix`` so that two tools' definitions of one name stay apart."""
     if isinstance(schema, list):
-        return [_rebase(v, base) for v in schema]
-    return schema
+        return [_rebase(v, base, prefix) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("$defs", "definitions") and isinstance(value, dict):
+            out[key] = {prefix + name: _rebase(v, base, prefix) for name, v in value.items()}
+        elif key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            steps = value[1:].split("/")
+            renamed = [
+                prefix + step if j > 0 and steps[j - 1] in ("$defs", "definitions") else step
+                for j, step in enumerate(steps)
+            ]
+            out[key] = base + "/".join(renamed)
+        else:
+            out[key] = _rebase(value, base, prefix)
+    return out
 
 
 def _nesting(gbnf: str) -> int:
