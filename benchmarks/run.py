@@ -1148,6 +1148,14 @@ def main(argv: list[str] | None = None) -> int:
         if bg_median > 0.25:
             msg += " The machine was busy: treat these numbers as disturbed and rerun on a quiet machine."
         notes.insert(0, msg)
+    top = max(lv.concurrency for lv in levels)
+    if nofile[1] < 2 * top + 512:
+        notes.append(
+            f"The open-file hard limit ({nofile[1]}) is below the {2 * top + 512:,} descriptors a "
+            f"one-process relay needs for {top:,} streams (a client and an upstream socket each): at that "
+            "level nginx runs out of descriptors and tokenrelay (which admits (limit - 256) / 2 requests per "
+            "worker) queues the rest. The harness could not raise it (no CAP_SYS_RESOURCE)."
+        )
     if args.scale:
         plot_note = ""
         if args.plot:
@@ -1388,8 +1396,8 @@ def render_scale(
         f"- Command: `{display_command()}` (what `make bench` runs)",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Machine: {os.cpu_count()} CPUs (nproc), {cpu_model()}, {platform.system()} {platform.release()}, "
-        f"{py}; open files {nofile[0]} (raised by the harness, inherited by every process), "
-        f"somaxconn {somaxconn}. "
+        f"{py}; open files {nofile[0]} soft / {nofile[1]} hard (the harness raises them as far as it is "
+        f"allowed; every process inherits them), somaxconn {somaxconn}. "
         "Everything (load generator, fake upstream, relays) shares these CPUs, and other engineers' jobs ran "
         "on the machine at the same time: see the *other CPU* column.",
     ]
