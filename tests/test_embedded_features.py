@@ -727,6 +727,8 @@ def test_call_text_lets_plain_text_through_when_text_is_allowed() -> None:
     assert [call.feed(t) for t in ("The", " weather", " {is}")] == ["The", " weather", " {is}"]
     assert not call.started and not call.done
     call = CallText(free_text=True)
+    assert call.feed(' {"name"') == ' {"name"'  # the grammar's text branch: a call starts with "{" itself
+    call = CallText(free_text=True)
     assert call.feed('{"') is None and call.feed('name": "f", "arguments": {}}') is not None and call.done
 
 

@@ -277,13 +277,9 @@ class CallText:
         if self.mode == "text":
             return text
         if self.mode == "undecided":
-            stripped = text.lstrip()
-            if not stripped:
-                self._head += text
-                return None
-            self.mode = "call" if stripped[0] == "{" else "text"
+            # the grammar's call starts with "{" itself, its text with anything else (a space included)
+            self.mode = "call" if text[:1] == "{" else "text"
             if self.mode == "text":
-                text, self._head = self._head + text, ""
                 return text
         if self.done:
             return None
