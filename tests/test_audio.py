@@ -398,6 +398,17 @@ def test_sdk_raises_for_a_missing_model_kind(client: openai.OpenAI) -> None:
     assert info.value.body["param"] == "model"  # type: ignore[index]
 
 
+def test_an_audio_model_on_the_chat_endpoint_says_where_it_is_served(client: openai.OpenAI) -> None:
+    for model, endpoint in (("speech", "/v1/audio/speech"), ("whisper", "/v1/audio/transcriptions")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        body = info.value.body
+        assert isinstance(body, dict)
+        assert body["param"] == "model"
+        assert body["code"] == "wrong_model_kind"
+        assert endpoint in body["message"]
+
+
 # ------------------------------------------------------------------------------ the pieces, in process
 
 
