@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 import msgspec
@@ -25,7 +25,7 @@ from tokenrelay.audio.speech import relay, upstream_request
 from tokenrelay.config import AudioModelConfig
 from tokenrelay.errors import GatewayError, invalid
 from tokenrelay.sse import SSEError, SSEParser
-from tokenrelay.upstream_http import HttpPool, UpstreamResponse
+from tokenrelay.upstream_http import HttpPool
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 DEFAULT_MAX_FILE_BYTES = 25 * 1024 * 1024  # OpenAI's limit
@@ -34,7 +34,7 @@ DEFAULT_MAX_FILE_BYTES = 25 * 1024 * 1024  # OpenAI's limit
 class TranscriptionForm:
     """A validated transcription request: the file, the model, and every field to pass on."""
 
-    __slots__ = ("fields", "file", "model", "response_format", "stream")
+    __slots__ = ("fields", "file", "model", "params", "response_format", "stream")
 
     def __init__(
         self, model: str, file: Part, stream: bool, response_format: str, fields: list[tuple[str, str]]
@@ -44,6 +44,19 @@ class TranscriptionForm:
         self.stream = stream
         self.response_format = response_format
         self.fields = fields  # (name, value) of the other text fields, in order
+        # what the client calls a field, where it is not the form's own name (the voice socket's
+        # "audio.data" for "file"), so that errors name what the client sent
+        self.params: dict[str, str] = {}
+
+    def param(self, name: str) -> str:
+        return self.params.get(name, name)
+
+    def field(self, name: str) -> str | None:
+        """The last value of a text field, or None."""
+        for key, value in reversed(self.fields):
+            if key == name:
+                return value
+        return None
 
 
 def parse_form(parts: list[Part]) -> TranscriptionForm:
@@ -144,16 +157,24 @@ class TranscriptionResult:
 
 
 class TranscriptionStream:
-    """An accepted transcription: the response's media type, then its body as it comes."""
+    """An accepted transcription: the response's media type, then its body as it comes. ``close()``
+    stops the work (drops the upstream connection, stops the decoding) whether or not the chunks were
+    read to the end."""
 
-    def __init__(self, media_type: str, resp: UpstreamResponse, chunks: AsyncIterator[bytes]) -> None:
+    def __init__(
+        self,
+        media_type: str,
+        chunks: AsyncIterator[bytes],
+        close: Callable[[], None],
+        result: TranscriptionResult | None = None,
+    ) -> None:
         self.media_type = media_type
         self.chunks = chunks
-        self.result = TranscriptionResult()
-        self._resp = resp
+        self.result = result or TranscriptionResult()
+        self._close = close
 
     async def close(self) -> None:
-        self._resp.release()
+        self._close()
 
 
 class TranscriptionEngine(abc.ABC):
@@ -173,6 +194,7 @@ class TranscriptionEngine(abc.ABC):
         """Release connections."""
 
     def check(self, form: TranscriptionForm, param: str = "file") -> None:
+        """Raise the error a request gets before it is admitted (the engine adds its own checks)."""
         size = len(form.file.data)
         if size > self.max_file_bytes:
             raise GatewayError(
@@ -231,7 +253,7 @@ class OpenAITranscription(TranscriptionEngine):
         self.requests += 1
         media = resp.headers.get("content-type", "application/json")
         chunks = relay(resp, self.cfg.idle_timeout)
-        stream = TranscriptionStream(media, resp, chunks)
+        stream = TranscriptionStream(media, chunks, resp.release)
         if media.startswith("text/event-stream"):
             stream.chunks = _watch_events(chunks, stream.result)
         elif media.startswith("application/json"):

@@ -209,6 +209,7 @@ class VoiceSocket(WebSocketChat):
             form = TranscriptionForm(
                 audio.model, Part("file", data, audio.filename, audio.content_type), False, "json", fields
             )
+            form.params = {"file": "audio.data", "language": "audio.language", "prompt": "audio.prompt"}
             plan.transcriber = self.audio.transcription_model(audio.model, gw.model_names, "audio.model")
             plan.transcriber.check(form, "audio.data")
             plan.audio = form
