@@ -1,6 +1,7 @@
 """Configuration: one YAML file mapping model names to deployments, plus environment overrides.
 
-With no file, tokenrelay serves the embedded model as ``tiny``. Unknown keys are errors (a typo should
+With no file, tokenrelay serves the embedded model as ``tiny``, and the embedded audio engines as ``stt``
+(pocketsphinx) and, when espeak-ng is installed, ``tts``. Unknown keys are errors (a typo should
 not silently fall back to a default), and every error names its path, e.g. ``models[1].provider``.
 Precedence, lowest first: defaults, the YAML file, ``TOKENRELAY_*`` environment variables, CLI flags.
 """
@@ -8,6 +9,7 @@ Precedence, lowest first: defaults, the YAML file, ``TOKENRELAY_*`` environment 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,8 +82,9 @@ class AudioModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     protocols) applies to them. See docs/audio.md."""
 
     name: str
-    provider: Literal["espeak", "openai"]
-    kind: Literal["speech", "transcription"] = "speech"
+    provider: Literal["espeak", "pocketsphinx", "openai"]
+    # unset: what the provider does (espeak speech, pocketsphinx transcription), speech for openai
+    kind: Literal["speech", "transcription"] | None = None
     # openai: any OpenAI-compatible server (/audio/speech or /audio/transcriptions is appended)
     base_url: str | None = None
     api_key_env: str | None = None
@@ -208,6 +211,18 @@ DEFAULT_MODELS: list[dict[str, Any]] = [
     {"name": "tiny", "provider": "llamacpp", "description": "SmolLM2-135M-Instruct, embedded (llama.cpp)"}
 ]
 
+
+def default_audio_models() -> list[dict[str, Any]]:
+    """The embedded audio engines, served with the default models: pocketsphinx (a Python dependency, so
+    always there) and espeak-ng when it is installed (a system package: a default that cannot start
+    would keep /readyz failing)."""
+    models: list[dict[str, Any]] = []
+    if shutil.which("espeak-ng"):
+        models.append({"name": "tts", "provider": "espeak", "description": "espeak-ng, embedded"})
+    models.append({"name": "stt", "provider": "pocketsphinx", "description": "pocketsphinx en-us, embedded"})
+    return models
+
+
 # TOKENRELAY_<NAME> -> server.<name>
 _ENV_SERVER = (
     "host",
@@ -319,6 +334,8 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
     data["server"] = server
     if not data.get("models"):
         data["models"] = [dict(m) for m in DEFAULT_MODELS]
+        if "audio_models" not in data:
+            data["audio_models"] = default_audio_models()
     if not data.get("plans"):
         data["plans"] = {name: dict(plan) for name, plan in DEFAULT_PLANS.items()}
     if env.get("TOKENRELAY_MODEL_PATH"):

@@ -41,6 +41,8 @@ def check_audio_models(cfg: Config, source: str) -> None:
         if m.name in taken:
             raise ConfigError(f"{where}.name '{m.name}' is already a model's or router's name")
         taken.add(m.name)
+        if m.kind is None:
+            m.kind = "transcription" if m.provider == "pocketsphinx" else "speech"
         if m.provider == "espeak":
             if m.kind != "speech":
                 raise ConfigError(f"{where}.kind: espeak models are speech models")
@@ -48,6 +50,15 @@ def check_audio_models(cfg: Config, source: str) -> None:
 
             try:
                 parse_options(m.options)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"{where}.options: {exc}") from None
+        elif m.provider == "pocketsphinx":
+            if m.kind != "transcription":
+                raise ConfigError(f"{where}.kind: pocketsphinx models are transcription models")
+            from tokenrelay.audio.sphinx import parse_options as sphinx_options
+
+            try:
+                sphinx_options(m.options)
             except msgspec.ValidationError as exc:
                 raise ConfigError(f"{where}.options: {exc}") from None
         elif not m.base_url:
@@ -73,6 +84,10 @@ class AudioModels:
                 from tokenrelay.audio.espeak import EspeakSpeech  # numpy loads only when used
 
                 self.speech[m.name] = EspeakSpeech(m)
+            elif m.provider == "pocketsphinx":
+                from tokenrelay.audio.sphinx import SphinxTranscription  # pocketsphinx loads only when used
+
+                self.transcription[m.name] = SphinxTranscription(m)
             elif m.kind == "speech":
                 assert self.pool is not None
                 self.speech[m.name] = OpenAISpeech(m, self.pool)
