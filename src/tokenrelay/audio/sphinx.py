@@ -73,8 +73,8 @@ from tokenrelay.errors import invalid
 
 PAD_SECONDS = 0.3
 # a word is sent once it held still this many partial hypotheses (with 0.5 s pieces, 2.5 s of audio):
-# measured on espeak-ng paragraphs, 3 loses 3.5 points of word accuracy to revisions, 5 loses 3, 8 loses 1
-# but sends the first word only half-way through the decoding
+# measured on espeak-ng paragraphs, 3 loses 3 points of word accuracy to revisions, 5 loses 2, and 8 loses
+# 0.5 but sends the first word only half-way through the decoding
 STABLE_PARTIALS = 5
 FRAME_SECONDS = 0.01  # pocketsphinx's frame rate: 100 a second
 _BYTES_PER_SECOND = RATE * 2
