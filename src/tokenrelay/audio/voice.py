@@ -31,9 +31,9 @@ from tokenrelay.protocol import openai_chat
 from tokenrelay.protocol.validation import field_error
 from tokenrelay.session import StreamSession
 from tokenrelay.transport.websocket import (
-    MAX_IN_FLIGHT,
     ClientMessage,
     WebSocketChat,
+    check_new_id,
     encode_batch,
     error_message,
 )
@@ -256,12 +256,7 @@ class VoiceSocket(WebSocketChat):
         assert isinstance(msg, VoiceMessage)
         rid = msg.id
         try:
-            if rid is None or rid == "":
-                raise invalid("A request needs an 'id'.", param="id")
-            if rid in self.streams:
-                raise invalid(f"Request id {rid!r} is already in flight.", param="id")
-            if len(self.streams) >= MAX_IN_FLIGHT:
-                raise GatewayError(429, f"At most {MAX_IN_FLIGHT} requests may be in flight on one socket.")
+            rid = check_new_id(msg.id, self.streams)
             plan = self.plan(msg)
         except GatewayError as err:
             await self.put(error_message(rid, err))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
@@ -41,6 +41,19 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _encode = msgspec.json.encode
 MAX_IN_FLIGHT = 64
+
+
+def check_new_id(rid: str | int | None, in_flight: Mapping[str | int, object]) -> str | int:
+    """A new request's id on a socket: present, not in flight already, and with room for it."""
+    if rid is None or rid == "":
+        raise invalid("A request needs an 'id'.", param="id")
+    if rid in in_flight:
+        raise invalid(f"Request id {rid!r} is already in flight.", param="id")
+    if len(in_flight) >= MAX_IN_FLIGHT:
+        raise GatewayError(429, f"At most {MAX_IN_FLIGHT} requests may be in flight on one socket.")
+    return rid
+
+
 SEND_QUEUE = 256
 
 
@@ -183,12 +196,7 @@ class WebSocketChat:
     async def start(self, msg: ClientMessage) -> None:
         rid = msg.id
         try:
-            if rid is None or rid == "":
-                raise invalid("A request needs an 'id'.", param="id")
-            if rid in self.streams:
-                raise invalid(f"Request id {rid!r} is already in flight.", param="id")
-            if len(self.streams) >= MAX_IN_FLIGHT:
-                raise GatewayError(429, f"At most {MAX_IN_FLIGHT} requests may be in flight on one socket.")
+            rid = check_new_id(msg.id, self.streams)
             if not msg.body:
                 raise invalid("A request needs a 'body'.", param="body")
             req = openai_chat.decode_request(bytes(msg.body))
