@@ -19,7 +19,7 @@ import msgspec
 from tokenrelay.admission import Admission, Principal
 from tokenrelay.audio.models import AudioEngine, AudioModels
 from tokenrelay.config import Config
-from tokenrelay.errors import invalid
+from tokenrelay.errors import GatewayError
 from tokenrelay.events import Error, Event, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from tokenrelay.metrics import Metrics
 from tokenrelay.providers import build_provider
@@ -171,15 +171,12 @@ class Gateway:
         """Route the request and start its stream; raises ``GatewayError`` for an unknown model."""
         events: list[Event] = []
         route = Route(req.model)
-        if req.model in self.audio.speech or req.model in self.audio.transcription:
-            endpoint = "/v1/audio/speech" if req.model in self.audio.speech else "/v1/audio/transcriptions"
-            raise invalid(
-                f"'{req.model}' is an audio model, not a chat model: it is served at {endpoint}. "
-                f"Chat models: {', '.join(self.router.names())}.",
-                param="model",
-                code="wrong_model_kind",
-            )
-        source = self.router.stream(req, events, route)
+        try:
+            source = self.router.stream(req, events, route)
+        except GatewayError as err:
+            if err.code == "model_not_found":  # only then: no extra lookups for every chat request
+                self.audio.refuse_chat_use(req.model, self.router.names())
+            raise
         server = self.config.server
         session = StreamSession(
             new_stream_id(id_prefix),

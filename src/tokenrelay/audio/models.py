@@ -11,8 +11,9 @@ tokens (or seconds of audio when it bills by duration) and output tokens (or the
 from __future__ import annotations
 
 import hashlib
+import importlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -32,6 +33,12 @@ if TYPE_CHECKING:
 
 AudioEngine = SpeechEngine | TranscriptionEngine
 
+# the embedded engines: the kind of model each is, and the module whose parse_options() checks its options
+EMBEDDED_ENGINES: dict[str, tuple[Literal["speech", "transcription"], str]] = {
+    "espeak": ("speech", "tokenrelay.audio.espeak"),
+    "pocketsphinx": ("transcription", "tokenrelay.audio.sphinx"),
+}
+
 
 def check_audio_models(cfg: Config, source: str) -> None:
     """Config checks (config.py calls this): unique names, what each provider needs, engine options."""
@@ -41,24 +48,16 @@ def check_audio_models(cfg: Config, source: str) -> None:
         if m.name in taken:
             raise ConfigError(f"{where}.name '{m.name}' is already a model's or router's name")
         taken.add(m.name)
+        embedded = EMBEDDED_ENGINES.get(m.provider)
         if m.kind is None:
-            m.kind = "transcription" if m.provider == "pocketsphinx" else "speech"
-        if m.provider == "espeak":
-            if m.kind != "speech":
-                raise ConfigError(f"{where}.kind: espeak models are speech models")
-            from tokenrelay.audio.espeak import parse_options
-
+            m.kind = embedded[0] if embedded else "speech"
+        if embedded is not None:
+            kind, module = embedded
+            if m.kind != kind:
+                raise ConfigError(f"{where}.kind: {m.provider} models are {kind} models")
             try:
-                parse_options(m.options)
-            except msgspec.ValidationError as exc:
-                raise ConfigError(f"{where}.options: {exc}") from None
-        elif m.provider == "pocketsphinx":
-            if m.kind != "transcription":
-                raise ConfigError(f"{where}.kind: pocketsphinx models are transcription models")
-            from tokenrelay.audio.sphinx import parse_options as sphinx_options
-
-            try:
-                sphinx_options(m.options)
+                # imported only when configured: the engines pull in numpy and pocketsphinx
+                importlib.import_module(module).parse_options(m.options)
             except msgspec.ValidationError as exc:
                 raise ConfigError(f"{where}.options: {exc}") from None
         elif not m.base_url:
@@ -131,6 +130,21 @@ class AudioModels:
             return engine
         self._wrong_kind(name, "transcription", chat_models, param)
         raise AssertionError
+
+    def refuse_chat_use(self, name: str, chat_models: list[str]) -> None:
+        """An audio model's name sent to a chat endpoint: 400 naming the endpoint that serves it."""
+        if name in self.speech:
+            endpoint = "/v1/audio/speech"
+        elif name in self.transcription:
+            endpoint = "/v1/audio/transcriptions"
+        else:
+            return
+        raise invalid(
+            f"'{name}' is an audio model, not a chat model: it is served at {endpoint}. "
+            f"Chat models: {', '.join(chat_models)}.",
+            param="model",
+            code="wrong_model_kind",
+        )
 
     def _wrong_kind(self, name: str, wanted: str, chat_models: frozenset[str], param: str) -> None:
         names = ", ".join(self.speech if wanted == "speech" else self.transcription) or "none configured"
