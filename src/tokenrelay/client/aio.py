@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -94,7 +94,7 @@ class AsyncIO:
             await (await self._send(build_request(cancel_request(url, cfg)))).aclose()
 
 
-async def adrive(engine: Engine, io: AsyncIO) -> AsyncIterator[Any]:
+async def adrive(engine: Engine, io: AsyncIO) -> AsyncGenerator[Any, None]:
     """Run ``engine`` to its end, yielding what it emits; its exceptions propagate."""
     value: Any = None
     failure: IOFailed | None = None
@@ -133,7 +133,7 @@ class AsyncChatStream:
         self._engine = run_chat(client.config, body, self._state)
         self._deltas = self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[Delta]:
+    async def _iterate(self) -> AsyncGenerator[Delta, None]:
         try:
             async for delta in adrive(self._engine, self._io):
                 yield delta
@@ -170,7 +170,7 @@ class AsyncChatStream:
         self._io.drop_requested = True
 
     async def close(self) -> None:
-        await self._deltas.aclose()  # type: ignore[attr-defined]
+        await self._deltas.aclose()
         await self._io.close()
         await self._io.cancel(self._state, self._client.config)
 

@@ -17,7 +17,7 @@ Closing a stream early (``stream.close()``, leaving its ``with``) cancels the ge
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from typing import Any
 
 import httpx
@@ -66,7 +66,9 @@ def _relay_state(
 
 
 class _RelayStream(httpx.SyncByteStream):
-    def __init__(self, chunks: Iterator[bytes], io: SyncIO, cfg: StreamConfig, state: ChatState) -> None:
+    def __init__(
+        self, chunks: Generator[bytes, None, None], io: SyncIO, cfg: StreamConfig, state: ChatState
+    ) -> None:
         self._chunks, self._io, self._cfg, self._state = chunks, io, cfg, state
 
     def __iter__(self) -> Iterator[bytes]:
@@ -76,7 +78,7 @@ class _RelayStream(httpx.SyncByteStream):
             raise httpx.RemoteProtocolError(str(exc)) from exc
 
     def close(self) -> None:
-        self._chunks.close()  # type: ignore[attr-defined]
+        self._chunks.close()
         self._io.close()
         self._io.cancel(self._state, self._cfg)
 
@@ -114,7 +116,7 @@ class ResumingTransport(httpx.BaseTransport):
 
 class _AsyncRelayStream(httpx.AsyncByteStream):
     def __init__(
-        self, chunks: AsyncIterator[bytes], io: AsyncIO, cfg: StreamConfig, state: ChatState
+        self, chunks: AsyncGenerator[bytes, None], io: AsyncIO, cfg: StreamConfig, state: ChatState
     ) -> None:
         self._chunks, self._io, self._cfg, self._state = chunks, io, cfg, state
 
@@ -126,7 +128,7 @@ class _AsyncRelayStream(httpx.AsyncByteStream):
             raise httpx.RemoteProtocolError(str(exc)) from exc
 
     async def aclose(self) -> None:
-        await self._chunks.aclose()  # type: ignore[attr-defined]
+        await self._chunks.aclose()
         await self._io.close()
         await self._io.cancel(self._state, self._cfg)
 

@@ -130,7 +130,7 @@ class SyncIO:
             self._send(build_request(cancel_request(url, cfg))).close()
 
 
-def drive(engine: Engine, io: SyncIO) -> Iterator[Any]:
+def drive(engine: Engine, io: SyncIO) -> Generator[Any, None, None]:
     """Run ``engine`` to its end, yielding what it emits; its exceptions propagate."""
     value: Any = None
     failure: IOFailed | None = None
