@@ -92,6 +92,18 @@ def chat(server: Server, key: str | None, model: str = "demo") -> openai.OpenAI:
     return client
 
 
+def tokenrelay_cli(cfg: Path, db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``tokenrelay <args> --config cfg`` as its own process, on the key database ``db``."""
+    return subprocess.run(
+        [sys.executable, "-m", "tokenrelay", *args, "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{db}"},
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
 def test_open_until_the_first_key_then_closed(keyed: tuple[Server, Path]) -> None:
     server, _ = keyed
     assert (
@@ -224,17 +236,9 @@ def test_revoked_keys_stop_working(keyed: tuple[Server, Path]) -> None:
 
 def test_cli_keys_reach_the_running_gateway(keyed: tuple[Server, Path]) -> None:
     server, cfg = keyed
-    env = {**os.environ, "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{server.log.parent / 'gateway.db'}"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "tokenrelay", "keys", *args, "--config", str(cfg)],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=60,
-        )
+        return tokenrelay_cli(cfg, server.log.parent / "gateway.db", "keys", *args)
 
     made = cli("create", "--plan", "pro", "--models", "demo", "--name", "from-cli")
     assert made.returncode == 0, made.stderr
@@ -355,15 +359,7 @@ def test_admin_usage_and_the_audit_cli(keyed: tuple[Server, Path], tmp_path: Pat
     database = server.log.parent / (server.log.stem + ".db")
 
     def audit(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{db}"}
-        return subprocess.run(
-            [sys.executable, "-m", "tokenrelay", "audit", *args, "--config", str(cfg)],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=60,
-        )
+        return tokenrelay_cli(cfg, db, "audit", *args)
 
     ok = audit(database, "verify")
     assert ok.returncode == 0 and "intact" in ok.stderr
@@ -408,13 +404,9 @@ def test_records_survive_a_graceful_shutdown(tmp_path: Path) -> None:
 
     count, (checked, problem) = asyncio.run(check())
     assert count == 20 and checked == 20 and problem is None
-    env = {**os.environ, "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{db}"}
 
     def cli(*args: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "tokenrelay", *args, "--config", str(cfg)],
-            capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
-        )  # fmt: skip
+        out = tokenrelay_cli(cfg, db, *args)
         assert out.returncode == 0, out.stderr
         return out.stdout
 
