@@ -21,7 +21,7 @@ from tokenrelay.audio.models import AudioEngine, AudioModels
 from tokenrelay.config import Config
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import Error, Event, ReasoningDelta, TextDelta, ToolCallDelta, Usage
-from tokenrelay.metrics import Metrics
+from tokenrelay.metrics import GapCounts, Metrics
 from tokenrelay.providers import build_provider
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.http_base import HttpStreamProvider
@@ -191,7 +191,7 @@ class Gateway:
         )
         session.principal = principal
         if req.model in self.model_names:
-            session.batch_gaps = self.metrics.child(self.metrics.inter_token, req.model)
+            session.batch_gaps = GapCounts(self.metrics.child(self.metrics.inter_token, req.model))
         if self.log is not None:
             self.log.opened(session)
         self._track(session)

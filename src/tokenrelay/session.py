@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import TERMINAL, Error, Event
@@ -29,6 +29,7 @@ from tokenrelay.router import Route
 
 if TYPE_CHECKING:
     from tokenrelay.admission import Principal
+    from tokenrelay.metrics import GapCounts
     from tokenrelay.queueing import PriorityGate
 
 # where a session's batches go besides its own log (a shared store): (session, index of first, batch)
@@ -69,7 +70,7 @@ class StreamSession:
         self.sink = sink
         self.principal: Principal | None = None  # the admitted caller, released when the stream ends
         self.gate: PriorityGate | None = None  # the model's concurrency slot it holds, if capped
-        self.batch_gaps: Any = None  # a histogram observing the time between batches (metrics.py)
+        self.batch_gaps: GapCounts | None = None  # the time between batches, for its histogram
         self.accepted = False
         self.done = False
         self.pre_error: GatewayError | None = None
@@ -136,6 +137,8 @@ class StreamSession:
             self._append([Error(type="internal_error", message="internal error in the gateway", status=500)])
         finally:
             self.done = True
+            if self.batch_gaps is not None:
+                self.batch_gaps.flush()
             if self._grace is not None:
                 self._grace.cancel()
             self._wake()

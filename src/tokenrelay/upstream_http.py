@@ -47,6 +47,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: HttpPool, key: tuple[str, int, bool]) -> None:
         self.pool = pool
         self.key = key
+        # asyncio.get_running_loop() costs a getpid() system call on Python 3.11: never per read
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.exc: BaseException | None = None
@@ -158,6 +160,19 @@ class _Connection(asyncio.Protocol):
         buf = self.buf
         while buf:
             if self.chunk_state == "size":
+                # the common case first: a whole chunk (size line, data, CRLF) in the buffer, taken in one
+                # step rather than three trips through the state machine
+                end = buf.find(b"\r\n", 0, 18)
+                if end > 0:
+                    try:
+                        size = int(buf[:end], 16)
+                    except ValueError:
+                        size = -1  # an extension or junk: the general path below decides
+                    stop = end + 2 + size
+                    if size > 0 and len(buf) >= stop + 2 and buf[stop : stop + 2] == b"\r\n":
+                        self.body += buf[end + 2 : stop]
+                        del buf[: stop + 2]
+                        continue
                 end = buf.find(b"\r\n")
                 if end < 0:
                     if len(buf) > 4096:
@@ -218,7 +233,7 @@ class UpstreamResponse:
                 return b""
             if conn.exc is not None:
                 raise conn.exc
-            conn.waiter = asyncio.get_running_loop().create_future()
+            conn.waiter = conn.loop.create_future()
             await conn.waiter
             conn.waiter = None
 
@@ -323,7 +338,7 @@ class HttpPool:
                 while not conn.head_done:
                     if conn.exc is not None:
                         raise conn.exc
-                    conn.waiter = asyncio.get_running_loop().create_future()
+                    conn.waiter = conn.loop.create_future()
                     await conn.waiter
                     conn.waiter = None
             except UpstreamConnectionError:
