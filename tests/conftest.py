@@ -125,15 +125,20 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def serving(
-    tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, name: str = "gateway"
+    tmp: Path,
+    config: dict[str, Any],
+    env: dict[str, str] | None = None,
+    name: str = "gateway",
+    args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
     """A ``tokenrelay serve`` of ``config`` (written to ``tmp/<name>.yaml``, log ``tmp/<name>.log``, key
-    database next to it unless ``env`` names one), ready, and stopped with SIGTERM on the way out."""
+    database next to it unless ``env`` names one; ``args`` added to the command line), ready, and
+    stopped with SIGTERM on the way out."""
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     port = free_port()
     log = tmp / f"{name}.log"
-    proc = start(["serve", "--config", str(cfg), "--port", str(port)], log, env)
+    proc = start(["serve", "--config", str(cfg), "--port", str(port), *args], log, env)
     try:
         wait_http("127.0.0.1", port, "/readyz", proc, 60)
         yield Server(port, proc, log, config=cfg)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import http.client
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import openai
 from prometheus_client.parser import text_string_to_metric_families
-from tests.conftest import Server, raw_post
+from tests.conftest import Server, raw_post, serving
 
 MESSAGES: list[Any] = [{"role": "user", "content": "measure me"}]
 
@@ -100,3 +102,28 @@ def test_one_json_log_line_per_request_with_its_ids(gateway: Server) -> None:
     assert entry["stream_id"] == stream_id and entry["request_id"] == "req-abc-123"
     assert entry["model"] == "flaky" and entry["deployment"] == "steady" and entry["failovers"] == 1
     assert entry["status"] == 200 and entry["ttft_ms"] is not None
+
+
+def test_workers_add_up_in_every_scrape(tmp_path: Path) -> None:
+    """With ``--workers 2`` each request lands on one worker (SO_REUSEPORT spreads connections), yet
+    every scrape, whichever worker answers it, counts all of them: the workers share their counters and
+    histograms through prometheus_client's multiprocess files, which the server removes when it stops."""
+    config = {"models": [{"name": "demo", "provider": "mock", "options": {"tokens": 3}}]}
+    requests = 24
+    shared_before = set(Path(tempfile.gettempdir()).glob("tokenrelay-metrics-*"))
+    with serving(tmp_path, config, args=("--workers", "2")) as gw:
+        for _ in range(requests):  # raw_post opens a new connection each time
+            resp = raw_post(gw.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES})
+            assert resp.status == 200
+        pids = set()
+        for _ in range(16):  # fresh connections again: the scrapes reach both workers
+            families = scrape(gw)
+            ok = {"model": "demo", "status": "200"}
+            assert value(families["tokenrelay_requests"], "tokenrelay_requests_total", **ok) == requests
+            first = families["tokenrelay_first_token_seconds"]
+            assert value(first, "tokenrelay_first_token_seconds_count", model="demo") == requests
+            pids.add(gw.get_json("/stats")["worker_pid"])
+        assert len(pids) == 2
+        shared = set(Path(tempfile.gettempdir()).glob("tokenrelay-metrics-*")) - shared_before
+        assert len(shared) == 1 and any(next(iter(shared)).iterdir())
+    assert not next(iter(shared)).exists()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tokenrelay.config import ConfigError, check_tls, dump_config, load_config
+from tokenrelay.config import ConfigError, ServerConfig, check_tls, dump_config, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenrelay: a streaming AI gateway.")
 err = Console(stderr=True)
@@ -227,9 +229,6 @@ def serve(
     ] = False,
 ) -> None:
     """Serve the gateway (with no config: the embedded model as 'tiny')."""
-    from granian import Granian
-    from granian.constants import Interfaces, Loops
-
     try:
         cfg = load_config(config)
     except ConfigError as exc:
@@ -280,6 +279,30 @@ def serve(
     # for a streaming gateway that is a cap on open streams, so the bound is the descriptors instead
     nofile = _raise_nofile()
     backpressure = max(server.backlog // max(1, server.workers), (nofile - 256) // 2)
+    metrics_dir = _metrics_dir(server.workers)
+    try:
+        _granian(server, backpressure)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _metrics_dir(workers: int) -> str | None:
+    """With several workers, their Prometheus counters and histograms go to files in a fresh directory
+    (prometheus_client's multiprocess mode), so ``/metrics`` from any worker adds up all of them. It
+    must be set before a worker imports prometheus_client; a ``PROMETHEUS_MULTIPROC_DIR`` the operator
+    set is used as it is (and is theirs to empty between runs). Returns the directory to remove."""
+    if workers <= 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    path = tempfile.mkdtemp(prefix="tokenrelay-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def _granian(server: ServerConfig, backpressure: int) -> None:
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+
     Granian(
         "tokenrelay.app:create_app",
         factory=True,

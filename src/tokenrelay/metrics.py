@@ -8,12 +8,15 @@ inter-token gaps are counted per stream (``GapCounts``: a bisect and an integer 
 their histogram every 256 batches and at the stream's end: ``Histogram.observe`` walks the buckets under a
 lock, which was about 3 % of the relay's CPU when done per batch.
 
-With ``--workers N`` each worker process has its own registry and a scrape reaches one of them; run one
-worker per replica (and more replicas) when the numbers must add up.
+With ``--workers N`` the counters and histograms of every worker are added up (prometheus_client's
+multiprocess mode: ``tokenrelay serve`` gives the workers a fresh ``PROMETHEUS_MULTIPROC_DIR``, each
+writes its values to files there, and a scrape reads them all). The gauges of what the gateway holds
+now (active streams, queues, breakers) are read from the worker that answers the scrape.
 """
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -53,6 +56,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._state: _GatewayState | None = None
         r = self.registry
         self.first_token = Histogram(
             "tokenrelay_first_token_seconds",
@@ -110,10 +114,20 @@ class Metrics:
         return found
 
     def attach(self, gateway: Gateway) -> None:
-        self.registry.register(_GatewayState(gateway))
+        self._state = _GatewayState(gateway)
+        self.registry.register(self._state)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not shared:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=shared)  # every worker's counters and histograms
+        if self._state is not None:
+            registry.register(self._state)
+        return generate_latest(registry)
 
     @staticmethod
     def kind(error_type: str) -> str:
@@ -198,4 +212,3 @@ class GapCounts:
         child._sum.inc(self.total)
         self.total = 0.0
         self.n = 0
-

@@ -503,6 +503,7 @@ class HttpApp:
             send,
             200,
             {
+                "worker_pid": os.getpid(),  # with --workers N: which worker answered
                 "active_streams": len(gw.streams),
                 # backpressure: streams waiting on a slow reader, and the events live streams hold
                 "paused_streams": sum(1 for st in gw.streams.values() if st.paused is not None),
