@@ -124,7 +124,7 @@ class Metrics:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=shared)  # every worker's counters and histograms
+        MultiProcessCollector(registry, path=shared)  # type: ignore[no-untyped-call]  # all workers
         if self._state is not None:
             registry.register(self._state)
         return generate_latest(registry)
