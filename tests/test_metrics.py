@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import http.client
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import openai
 from prometheus_client.parser import text_string_to_metric_families
-from tests.conftest import Server, raw_post, serving
+from tests.conftest import Server, raw_post, serving, wait_for
 
 MESSAGES: list[Any] = [{"role": "user", "content": "measure me"}]
 
@@ -95,10 +96,16 @@ def test_one_json_log_line_per_request_with_its_ids(gateway: Server) -> None:
         {"x-request-id": "req-abc-123"},
     )
     stream_id = resp.headers["x-stream-id"]
-    lines = gateway.log.read_bytes().splitlines()[before:]
-    mine = [jsonlib.loads(ln) for ln in lines if b"req-abc-123" in ln]
-    assert len(mine) == 1  # one line for the request, none per chunk
-    entry = mine[0]
+
+    def mine() -> list[Any]:
+        lines = gateway.log.read_bytes().splitlines()[before:]
+        return [jsonlib.loads(ln) for ln in lines if b"req-abc-123" in ln]
+
+    # access lines are gathered and written together, at most 0.1 s after the request
+    wait_for(mine, timeout=2)
+    time.sleep(0.3)
+    assert len(mine()) == 1  # one line for the request, none per chunk
+    entry = mine()[0]
     assert entry["stream_id"] == stream_id and entry["request_id"] == "req-abc-123"
     assert entry["model"] == "flaky" and entry["deployment"] == "steady" and entry["failovers"] == 1
     assert entry["status"] == 200 and entry["ttft_ms"] is not None

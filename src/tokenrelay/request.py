@@ -6,7 +6,8 @@ protocol translates into them, and the OpenAI upstream path needs no conversion 
 
 from __future__ import annotations
 
-import secrets
+import base64
+import os
 from typing import Any
 
 import msgspec
@@ -47,9 +48,35 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     mock: dict[str, Any] | None = None
 
 
+class _RandomBytes:
+    """Bytes from the OS's CSPRNG, read 4 KiB at a time: ``secrets.token_urlsafe`` makes a getrandom()
+    system call per id, which cost more than the rest of opening a stream's bookkeeping here."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.buf = b""
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.buf):
+            self.buf, self.pos = os.urandom(4096), 0
+        start = self.pos
+        self.pos += n
+        return self.buf[start : self.pos]
+
+
+_random_bytes = _RandomBytes()
+# a forked worker must not hand out the ids its parent (or a sibling worker) would
+os.register_at_fork(after_in_child=_random_bytes.reset)
+
+
 def new_stream_id(prefix: str = "chatcmpl-") -> str:
-    """An unguessable stream id (also the completion id the client sees)."""
-    return prefix + secrets.token_urlsafe(18)
+    """An unguessable stream id (also the completion id the client sees): 144 random bits."""
+    return prefix + base64.urlsafe_b64encode(_random_bytes.take(18)).decode()
 
 
 def estimate_prompt_tokens(req: ChatRequest) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from typing import Any
 from urllib.parse import urlsplit
 
 _MAX_HEAD = 64 * 1024
@@ -276,6 +277,7 @@ class HttpPool:
         self.max_idle = max_idle_per_origin
         self._idle: dict[tuple[str, int, bool], deque[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._heads: dict[tuple[Any, ...], tuple[_Origin, tuple[str, int, bool], bytes]] = {}
         self.opened = 0
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -317,17 +319,31 @@ class HttpPool:
         self.opened += 1
         return conn
 
+    def _head(
+        self, method: str, url: str, headers: dict[str, str]
+    ) -> tuple[_Origin, tuple[str, int, bool], bytes]:
+        """The origin, pool key and request head up to the content-length value. A deployment sends the
+        same URL and headers every time: parsed and joined once (about 15 us a request otherwise)."""
+        cache_key = (method, url, tuple(headers.items()))
+        found = self._heads.get(cache_key)
+        if found is None:
+            origin = _Origin(url)
+            parts = urlsplit(url)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            lines = [f"{method} {target} HTTP/1.1", f"host: {origin.host_header}"]
+            lines += [f"{k}: {v}" for k, v in headers.items()]
+            head = ("\r\n".join(lines) + "\r\ncontent-length: ").encode("latin-1")
+            if len(self._heads) >= 256:  # URLs come from the config: a bound for the unexpected
+                self._heads.clear()
+            found = self._heads[cache_key] = (origin, (origin.host, origin.port, origin.ssl), head)
+        return found
+
     async def request(
         self, method: str, url: str, headers: dict[str, str], body: bytes, connect_timeout: float = 10.0
     ) -> UpstreamResponse:
         """Send one request and wait for its response head. Cancelling drops the connection."""
-        origin = _Origin(url)
-        parts = urlsplit(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        head = [f"{method} {target} HTTP/1.1", f"host: {origin.host_header}", f"content-length: {len(body)}"]
-        head += [f"{k}: {v}" for k, v in headers.items()]
-        payload = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        key = (origin.host, origin.port, origin.ssl)
+        origin, key, head = self._head(method, url, headers)
+        payload = b"%s%d\r\n\r\n%s" % (head, len(body), body)
         for attempt in (0, 1):
             idle = self._idle.get(key)
             reused = bool(idle)

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from tokenrelay import records
+from tokenrelay import logs, records
 from tokenrelay.admission import bearer
 from tokenrelay.audio.voice import VoiceSocket
 from tokenrelay.errors import GatewayError, invalid
@@ -314,6 +314,7 @@ class HttpApp:
         while True:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
+                logs.bind_loop(asyncio.get_running_loop())
                 self.gateway.start()
                 if self.server.grpc_port:
                     from tokenrelay.transport.grpc_server import GrpcServer  # grpcio loads only when used
@@ -330,6 +331,7 @@ class HttpApp:
                 if self.grpc is not None:
                     await self.grpc.stop()
                 await self.gateway.close()
+                logs.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
