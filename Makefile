@@ -12,7 +12,7 @@ WHEELHOUSE ?= $(HOME)/.cache/tokenrelay/wheels
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: serve test lint bench install install-test clean proto
+.PHONY: serve test lint bench bench-embedded install install-test clean proto
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ bench: $(STAMPS)/install-bench
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || [ "$$(id -u)" != 0 ] || \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light || echo "nginx-light not installed"
 	$(PY) benchmarks/run.py --scale --out docs/benchmarks.md --plot docs/bench-scale.png
+
+# the embedded model (issue 7, item 3): tokenrelay's `tiny` against llama-cpp-python called directly
+bench-embedded: $(STAMPS)/install
+	$(PY) benchmarks/embedded.py --out docs/benchmarks.md
 
 # regenerate the gRPC code after editing the .proto (the generated files are committed)
 proto: $(STAMPS)/install-test
