@@ -1,13 +1,25 @@
-"""HTTP/2 (h2c with prior knowledge) with httpx's HTTP/2 client: streams multiplexed on one connection."""
+"""HTTP/2 (h2c with prior knowledge) with httpx's HTTP/2 client: streams multiplexed on one connection.
+
+HTTP/2 is granian's (``--server granian``); the default built-in server speaks HTTP/1.1 only."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
-from tests.conftest import Server
+import pytest
+from tests.conftest import Server, gateway_config, serving
+
+
+@pytest.fixture(scope="module")
+def gateway(mock_upstream: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The test gateway's configuration served by granian."""
+    tmp = tmp_path_factory.mktemp("h2")
+    with serving(tmp, gateway_config(mock_upstream.port), args=("--server", "granian")) as server:
+        yield server
 
 
 def body(model: str, mock: dict[str, Any]) -> dict[str, Any]:

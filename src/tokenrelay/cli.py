@@ -221,6 +221,10 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to bind (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default 8080)")] = None,
     workers: Annotated[int | None, typer.Option(help="worker processes sharing the port")] = None,
+    http_server: Annotated[
+        str | None,
+        typer.Option("--server", help="builtin (default; HTTP/1.1) or granian (HTTP/2 too)"),
+    ] = None,
     grpc_port: Annotated[int | None, typer.Option("--grpc-port", help="also serve the gRPC API here")] = None,
     ssl_certfile: Annotated[str | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM)")] = None,
     ssl_keyfile: Annotated[str | None, typer.Option("--ssl-keyfile", help="TLS private key (PEM)")] = None,
@@ -241,6 +245,11 @@ def serve(
         server.port = port
     if workers is not None:
         server.workers = workers
+    if http_server is not None:
+        if http_server not in ("granian", "builtin"):
+            err.print(f"[red]--server must be granian or builtin, not {http_server!r}[/red]")
+            raise typer.Exit(2)
+        server.http_server = http_server  # type: ignore[assignment]
     if grpc_port is not None:
         server.grpc_port = grpc_port
     if ssl_certfile is not None:
@@ -281,7 +290,22 @@ def serve(
     backpressure = max(server.backlog // max(1, server.workers), (nofile - 256) // 2)
     metrics_dir = _metrics_dir(server.workers)
     try:
-        _granian(server, backpressure)
+        if server.http_server == "builtin":
+            from tokenrelay.app import create_app
+            from tokenrelay.transport import server as builtin
+
+            builtin.run(
+                create_app,
+                server.host,
+                server.port,
+                workers=server.workers,
+                backlog=server.backlog,
+                ssl_certfile=server.ssl_certfile,
+                ssl_keyfile=server.ssl_keyfile,
+                max_connections=backpressure,  # a client and an upstream socket each, within the limit
+            )
+        else:
+            _granian(server, backpressure)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)

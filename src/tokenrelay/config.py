@@ -164,6 +164,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     workers: int = 1
+    # tokenrelay's own one-thread HTTP/1.1 server (transport/server.py), or granian for HTTP/2 as well
+    http_server: Literal["builtin", "granian"] = "builtin"
     keepalive_seconds: float = 15.0
     max_body_bytes: int = 8 * 1024 * 1024
     on_disconnect: Literal["cancel", "continue"] = "cancel"
@@ -231,6 +233,7 @@ _ENV_SERVER = (
     "ssl_certfile",
     "ssl_keyfile",
     "workers",
+    "http_server",
     "keepalive_seconds",
     "max_body_bytes",
     "on_disconnect",

@@ -1,0 +1,140 @@
+"""The built-in HTTP/1.1 server (transport/server.py, the default) on raw sockets: what SDKs rarely send
+but clients and proxies do (chunked bodies, 100-continue, pipelining, HTTP/1.0), and what it refuses."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from tests.conftest import Server
+from websockets.sync.client import connect
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+def chat_body(**extra: Any) -> bytes:
+    return json.dumps({"model": "demo", "messages": MESSAGES, **extra}).encode()
+
+
+def read_response(sock: socket.socket, buf: bytearray) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """One response from ``sock`` (content-length or chunked), leaving what follows it in ``buf``."""
+
+    def fill() -> None:
+        data = sock.recv(65536)
+        assert data, "connection closed early"
+        buf.extend(data)
+
+    while b"\r\n\r\n" not in buf:
+        fill()
+    end = buf.index(b"\r\n\r\n")
+    head = bytes(buf[:end]).split(b"\r\n")
+    del buf[: end + 4]
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(b":") for line in head[1:])}
+    body = bytearray()
+    if b"content-length" in headers:
+        n = int(headers[b"content-length"])
+        while len(buf) < n:
+            fill()
+        body += buf[:n]
+        del buf[:n]
+    elif headers.get(b"transfer-encoding") == b"chunked":
+        while True:
+            while b"\r\n" not in buf:
+                fill()
+            line_end = buf.index(b"\r\n")
+            size = int(bytes(buf[:line_end]), 16)
+            while len(buf) < line_end + 2 + size + 2:
+                fill()
+            body += buf[line_end + 2 : line_end + 2 + size]
+            del buf[: line_end + 2 + size + 2]
+            if size == 0:
+                break
+    return head[0], headers, bytes(body)
+
+
+def connection(gateway: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+
+
+def test_chunked_request_body(gateway: Server) -> None:
+    body = chat_body()
+    pieces = [body[:7], body[7:30], body[30:]]
+    chunked = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\nx-trailer: 1\r\n\r\n"
+    with connection(gateway) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + chunked
+        )
+        status, _, answer = read_response(sock, bytearray())
+    assert status == b"HTTP/1.1 200 OK"
+    assert json.loads(answer)["choices"][0]["message"]["content"]
+
+
+def test_expect_100_continue(gateway: Server) -> None:
+    body = chat_body()
+    with connection(gateway) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"  # before the body is sent
+        sock.sendall(body)
+        status, _, answer = read_response(sock, bytearray())
+    assert status == b"HTTP/1.1 200 OK" and json.loads(answer)["object"] == "chat.completion"
+
+
+def test_pipelined_requests_answer_in_order(gateway: Server) -> None:
+    one = chat_body(mock={"text": "first answer"})
+    two = chat_body(mock={"text": "second answer"}, stream=True)
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+    with connection(gateway) as sock:
+        sock.sendall(request % (len(one), one) + request % (len(two), two) + b"GET /healthz HTTP/1.1\r\n\r\n")
+        buf = bytearray()
+        _, _, first = read_response(sock, buf)
+        _, headers, second = read_response(sock, buf)
+        _, _, third = read_response(sock, buf)
+    assert json.loads(first)["choices"][0]["message"]["content"] == "first answer"
+    assert headers[b"content-type"].startswith(b"text/event-stream")
+    text = "".join(
+        c["delta"].get("content") or ""
+        for line in second.split(b"\n")
+        if line.startswith(b"data: {")
+        for c in json.loads(line[6:])["choices"]
+    )
+    assert text == "second answer" and second.rstrip().endswith(b"data: [DONE]")
+    assert json.loads(third) == {"status": "ok"}
+
+
+def test_http10_closes_after_the_answer(gateway: Server) -> None:
+    with connection(gateway) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        status, headers, _body = read_response(sock, bytearray())
+        assert status == b"HTTP/1.1 200 OK" and headers[b"connection"] == b"close"
+        assert sock.recv(10) == b""  # closed by the server
+
+
+def test_unparseable_requests_get_a_json_error_and_a_close(gateway: Server) -> None:
+    cases = [
+        (b"NONSENSE\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nbad header line\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+        (b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n", b"400"),
+    ]
+    for raw, code in cases:
+        with connection(gateway) as sock:
+            sock.sendall(raw)
+            status, _headers, body = read_response(sock, bytearray())
+            assert status.split(b" ")[1] == code, (raw[:40], status)
+            assert json.loads(body)["error"]["type"] == "invalid_request_error"
+            assert sock.recv(10) == b""
+    # and the server goes on serving
+    with connection(gateway) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert read_response(sock, bytearray())[0] == b"HTTP/1.1 200 OK"
+
+
+def test_websocket_fragmented_message(gateway: Server) -> None:
+    with connect(f"ws://127.0.0.1:{gateway.port}/v1/ws/chat") as ws:
+        ws.send(['{"type":', ' "ping"}'])  # one text message in two frames
+        assert json.loads(ws.recv(timeout=5)) == {"type": "pong"}
