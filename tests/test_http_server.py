@@ -1,14 +1,26 @@
-"""The built-in HTTP/1.1 server (transport/server.py, the default) on raw sockets: what SDKs rarely send
-but clients and proxies do (chunked bodies, 100-continue, pipelining, HTTP/1.0), and what it refuses."""
+"""The built-in HTTP/1.1 server (transport/server.py, ``--server builtin``) on raw sockets: what SDKs rarely
+send but clients and proxies do (chunked bodies, 100-continue, pipelining, HTTP/1.0), and what it refuses."""
 
 from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from tests.conftest import Server
+import pytest
+from tests.conftest import Server, serving
 from websockets.sync.client import connect
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    config = {"models": [{"name": "demo", "provider": "mock"}]}
+    tmp: Path = tmp_path_factory.mktemp("builtin")
+    with serving(tmp, config, args=("--server", "builtin")) as server:
+        yield server
+
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
 

@@ -466,22 +466,26 @@ class HttpConnection(asyncio.Protocol):
 
     # -- the app
     async def _run(self, scope: Scope, cycle: _Cycle) -> None:
+        failed = False
         try:
             await self.app(scope, cycle.receive, cycle.send)
         except Exception:
+            failed = True
             log.exception("the app failed on %s %s", scope.get("method"), scope.get("path"))
-            if not cycle.started and not self.closed:
-                await cycle.send({"type": "http.response.start", "status": 500, "headers": []})
-                cycle.keep_alive = False
-                await cycle.send({"type": "http.response.body", "body": b"Internal Server Error"})
-        finally:
-            if not cycle.response_done and not self.closed:
-                if cycle.started:
-                    self.transport.close()  # a response cut short: the client must not take it as whole
-                    self.closed = True
-                else:
-                    await cycle.send({"type": "http.response.start", "status": 500, "headers": []})
-                    await cycle.send({"type": "http.response.body", "body": b""})
+        if cycle.response_done or self.closed:
+            return
+        if cycle.started:
+            self.transport.close()  # a response cut short: the client must not take it as whole
+            self.closed = True
+            return
+        # no answer at all (or one whose head had not gone out): a plain 500, never a traceback
+        cycle.status = 0
+        cycle.keep_alive = False
+        body = b"Internal Server Error" if failed else b""
+        await cycle.send(
+            {"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"text/plain")]}
+        )
+        await cycle.send({"type": "http.response.body", "body": body})
 
     def response_finished(self, cycle: _Cycle) -> None:
         """The last byte of a response is queued: reuse the connection for the next request, or close."""
@@ -661,6 +665,9 @@ class WebSocketSession:
                 self.proto.send_close(1000, "")
                 self._flush()
                 self.conn.transport.close()
+            if not self.conn.closed:
+                # a client that never answers our close frame does not keep the socket for ever
+                self.conn.loop.call_later(5.0, self.conn.transport.close)
 
 
 class ServerState:
