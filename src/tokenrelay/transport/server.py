@@ -267,6 +267,8 @@ class HttpConnection(asyncio.Protocol):
             fut.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # refused or finished, closing: whatever else the client sends is not read
         if self.ws is not None:
             self.ws.data(data)
             return
