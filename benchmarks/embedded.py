@@ -41,7 +41,6 @@ import http.client
 import json
 import os
 import platform
-import shlex
 import signal
 import socket
 import statistics
@@ -59,6 +58,15 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's provider defaults, as the gateway process uses
 
+# the streaming harness's helpers (this directory is on sys.path when a script here runs)
+from run import (  # noqa: E402
+    _die_with_parent,
+    busy_cpu_s,
+    cpu_model,
+    display_command,
+    free_port,
+    write_section,
+)
 from tokenrelay.providers.llamacpp import DEFAULTS, default_model_path  # noqa: E402
 
 SECTION_START = "<!-- tokenrelay-embedded-bench:start -->"
@@ -94,20 +102,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def busy_cpu_s() -> float:
-    """Machine-wide non-idle CPU seconds."""
-    t = psutil.cpu_times()
-    return (
-        sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
-    )
-
-
 def tree_cpu_s(proc: psutil.Process) -> float:
     """user+system CPU seconds of a process and its descendants."""
     total = 0.0
@@ -119,53 +113,6 @@ def tree_cpu_s(proc: psutil.Process) -> float:
             t = p.cpu_times()
             total += t.user + t.system
     return total
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def display_command() -> str:
-    exe = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        exe = exe.relative_to(ROOT) if exe.is_absolute() else exe
-    script = Path(sys.argv[0]).resolve()
-    with contextlib.suppress(ValueError):
-        script = script.relative_to(ROOT)
-    return shlex.join([str(exe), str(script), *sys.argv[1:]])
-
-
-def write_section(out: Path, section: str) -> None:
-    """Write ``section`` between this benchmark's markers in ``out`` (replacing an earlier one)."""
-    block = f"{SECTION_START}\n{section.rstrip()}\n{SECTION_END}\n"
-    if out.exists():
-        text = out.read_text()
-        if SECTION_START in text and SECTION_END in text:
-            pre, rest = text.split(SECTION_START, 1)
-            post = rest.split(SECTION_END, 1)[1].lstrip("\n")
-            text = pre + block + (("\n" + post) if post else "")
-        else:
-            text = text.rstrip() + "\n\n" + block
-    else:
-        text = "# Benchmarks\n\n" + block
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: have the kernel SIGTERM the gateway if this script dies (Linux only)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-# --- direct: llama-cpp-python in this process ------------------------------------------------------------
 
 
 class Direct:
@@ -665,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     section, summary = render(args, started, direct, runs, warmups, gw_python)
     print(summary)
     if args.out:
-        write_section(args.out, section)
+        write_section(args.out, section, SECTION_START, SECTION_END)
         print(f"wrote the {SECTION_START} section of {args.out}")
     return 0
 
