@@ -34,8 +34,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import msgspec
+import uvloop
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
 
 log = logging.getLogger("tokenrelay.server")
 
@@ -345,8 +350,6 @@ class HttpConnection(asyncio.Protocol):
         except UnicodeDecodeError:
             raise _BadRequest(400, "non-ASCII request target") from None
         if "%" in path:
-            from urllib.parse import unquote
-
             path = unquote(path)
         scope: Scope = {
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -519,13 +522,9 @@ class WebSocketSession:
     """An upgraded connection: the ``websockets`` sans-I/O protocol between the socket and ASGI."""
 
     def __init__(self, conn: HttpConnection, raw_head: bytes, rest: bytes) -> None:
-        from websockets.server import ServerProtocol
-
         self.conn = conn
         self.proto = ServerProtocol(max_size=16 * 1024 * 1024)
         self.proto.receive_data(raw_head)
-        from websockets.http11 import Request
-
         events = self.proto.events_received()
         self.request = events[0] if events and isinstance(events[0], Request) else None
         self.pending = rest
@@ -557,8 +556,6 @@ class WebSocketSession:
         self._take(data)
 
     def _take(self, data: bytes) -> None:
-        from websockets.frames import Frame, Opcode
-
         self.proto.receive_data(data)
         for frame in self.proto.events_received():
             if not isinstance(frame, Frame):
@@ -828,8 +825,6 @@ def run(
 ) -> None:
     """Serve ``factory()`` (an ASGI app) until SIGTERM/SIGINT; ``workers`` > 1 forks that many processes,
     each holding at most ``max_connections`` client connections at once."""
-    import uvloop
-
     ssl_ctx = _ssl_context(ssl_certfile, ssl_keyfile) if ssl_certfile and ssl_keyfile else None
 
     def worker() -> None:
