@@ -246,7 +246,7 @@ class HttpConnection(asyncio.Protocol):
         self.idle_timer = self.loop.call_later(IDLE_SECONDS, self._idle_over)
 
     def _idle_over(self) -> None:
-        if self.cycle is None and self.ws is None and not self.closed:
+        if self.idle() and not self.closed:
             self.transport.close()
             self.closed = True
 
@@ -278,12 +278,15 @@ class HttpConnection(asyncio.Protocol):
             self.ws.data(data)
             return
         self.buf += data
+        self._parse()
+
+    # -- parsing
+    def _parse(self) -> None:
         try:
             self._feed()
         except _BadRequest as exc:
             self._refuse(exc.status, exc.text)
 
-    # -- parsing
     def _feed(self) -> None:
         cycle = self.cycle
         if cycle is None:
@@ -509,10 +512,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _next(self) -> None:
         if self.cycle is None and not self.closed:
-            try:
-                self._start_request()
-            except _BadRequest as exc:
-                self._refuse(exc.status, exc.text)
+            self._parse()
 
     def idle(self) -> bool:
         return self.cycle is None and self.ws is None
