@@ -1,5 +1,7 @@
 """A client that stops reading: the stream stops pulling from the model, the client is dropped with a
-resumable error once it stalls too long, and it can pick the stream up again where its bytes ended."""
+resumable error once it stalls too long, and it can pick the stream up again where its bytes ended.
+Both ways a model's batches reach a session: yielded by the in-process mock, and pushed from the socket
+callback by the ``openai`` provider (``flood-up``, the mock served over HTTP)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ BODY = {"model": "flood", "stream": True, "messages": [{"role": "user", "content
 
 
 @pytest.fixture(scope="module")
-def gateway_bp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def gateway_bp(mock_upstream: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("backpressure")
     config = {
         "server": {
@@ -29,6 +31,12 @@ def gateway_bp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         },
         "models": [
             {"name": "flood", "provider": "mock", "options": FLOOD},
+            {
+                "name": "flood-up",
+                "provider": "openai",
+                "base_url": f"http://127.0.0.1:{mock_upstream.port}/v1",
+                "options": {"body": {"mock": FLOOD}},
+            },
             {"name": "demo", "provider": "mock", "options": {"tokens": 12}},
         ],
     }
@@ -40,11 +48,17 @@ def stats(server: Server) -> dict[str, int]:
     return server.get_json("/stats")  # type: ignore[no-any-return]
 
 
-def test_slow_reader_pauses_the_model_then_is_dropped_resumably(gateway_bp: Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["flood", "flood-up"])
+def test_slow_reader_pauses_the_model_then_is_dropped_resumably(
+    gateway_bp: Server, tmp_path: Path, model: str
+) -> None:
+    wait_for(lambda: stats(gateway_bp)["paused_streams"] == 0, timeout=10)  # an earlier case's stream
+    evicted = stats(gateway_bp)["evicted_readers"]
+    logged = stats(gateway_bp)["log_events"]  # earlier cases' finished streams stay until they expire
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's writes block
     sock.connect(("127.0.0.1", gateway_bp.port))
-    body = json.dumps(BODY).encode()
+    body = json.dumps({**BODY, "model": model}).encode()
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % len(body) + body
@@ -61,14 +75,14 @@ def test_slow_reader_pauses_the_model_then_is_dropped_resumably(gateway_bp: Serv
         return readings[-1] == readings[-2]
 
     wait_for(settled, timeout=15)
-    assert readings[-1] < FLOOD["tokens"]  # bounded, far from the whole answer
+    assert readings[-1] - logged < FLOOD["tokens"]  # bounded, far from the whole answer
     assert stats(gateway_bp)["paused_streams"] == 1
     # other streams are not held up by it: one runs to its end while the slow one is still paused
     other = raw_post(gateway_bp.port, "/v1/chat/completions", {**BODY, "model": "demo"})
     assert other.sse_data()[-1] == b"[DONE]"
-    assert stats(gateway_bp)["paused_streams"] == 1 and stats(gateway_bp)["evicted_readers"] == 0
+    assert stats(gateway_bp)["paused_streams"] == 1 and stats(gateway_bp)["evicted_readers"] == evicted
     # stalled for client_stall_seconds: dropped, and the model goes on for the grace period
-    wait_for(lambda: stats(gateway_bp)["evicted_readers"] == 1, timeout=10)
+    wait_for(lambda: stats(gateway_bp)["evicted_readers"] == evicted + 1, timeout=10)
     received = b""
     sock.settimeout(10)
     while not received.endswith(b"0\r\n\r\n"):
@@ -88,7 +102,9 @@ def test_slow_reader_pauses_the_model_then_is_dropped_resumably(gateway_bp: Serv
     assert after == len(data) - 2  # one chunk per event before the error
     status, _, rest = get(gateway_bp.port, f"/v1/streams/{stream_id}?after={after}")
     assert status == 200
-    whole = raw_post(gateway_bp.port, "/v1/chat/completions", {**BODY, "stream": False}).json()
+    whole = raw_post(
+        gateway_bp.port, "/v1/chat/completions", {**BODY, "model": model, "stream": False}
+    ).json()
     assert (
         chat_text(data[:-2]) + chat_text([e[b"data"] for e in events(rest)])
         == (whole["choices"][0]["message"]["content"])

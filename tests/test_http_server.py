@@ -15,8 +15,13 @@ from websockets.sync.client import connect
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    config = {"models": [{"name": "demo", "provider": "mock"}]}
+def gateway(mock_upstream: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    config = {
+        "models": [
+            {"name": "demo", "provider": "mock"},
+            {"name": "up", "provider": "openai", "base_url": f"http://127.0.0.1:{mock_upstream.port}/v1"},
+        ]
+    }
     tmp: Path = tmp_path_factory.mktemp("builtin")
     with serving(tmp, config, args=("--server", "builtin")) as server:
         yield server
@@ -150,3 +155,31 @@ def test_websocket_fragmented_message(gateway: Server) -> None:
     with connect(f"ws://127.0.0.1:{gateway.port}/v1/ws/chat") as ws:
         ws.send(['{"type":', ' "ping"}'])  # one text message in two frames
         assert json.loads(ws.recv(timeout=5)) == {"type": "pong"}
+
+
+def test_upstream_stream_takes_the_push_lane_and_direct_writes(gateway: Server) -> None:
+    """From an ``openai`` upstream, chunks after the first go from the upstream socket's callback into the
+    session and on to the client's socket with no task wake-up (providers/base.py, session.py); the
+    client gets the same stream as the whole answer, in order, on one keep-alive connection."""
+    before = gateway.get_json("/stats")
+    mock = {"tokens": 40, "tokens_per_second": 400}  # one chunk per upstream read
+    streamed = json.dumps({"model": "up", "messages": MESSAGES, "stream": True, "mock": mock}).encode()
+    whole = json.dumps({"model": "up", "messages": MESSAGES, "mock": mock}).encode()
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+    with connection(gateway) as sock:
+        buf = bytearray()
+        sock.sendall(request % (len(streamed), streamed))
+        _, _, stream = read_response(sock, buf)
+        sock.sendall(request % (len(whole), whole))
+        _, _, answer = read_response(sock, buf)
+    chunks = [json.loads(line[6:]) for line in stream.split(b"\n") if line.startswith(b"data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == json.loads(answer)["choices"][0]["message"]["content"] and text
+    assert stream.rstrip().endswith(b"data: [DONE]")
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    after = gateway.get_json("/stats")
+    pushed = after["pushed_batches"] - before["pushed_batches"]
+    direct = after["direct_writes"] - before["direct_writes"]
+    # both requests' later chunks were pushed; the streamed one's went straight to the socket, the whole
+    # one's were absorbed until the end
+    assert pushed >= 60 and direct >= 60, (pushed, direct)

@@ -12,6 +12,10 @@ next deployment instead of being sent as two halves.
 
 First-token and stall timeouts are measured here, for every provider, by one self-re-arming watchdog per
 attempt (no timer per read). Time the stream spends paused by backpressure does not count as a stall.
+
+Batches a provider pushes straight to the session (the push lane, ``providers/base.py``) get the same
+splicing and stall bookkeeping in ``lane()`` as the ones it yields; only terminal batches, which decide
+about failover, always come up through this loop.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, T
 from tokenrelay.openai_wire import AssistantMessage
 
 if TYPE_CHECKING:
+    from tokenrelay.providers.base import Push
     from tokenrelay.request import ChatRequest
     from tokenrelay.router import Deployment, Route
 
@@ -99,6 +104,7 @@ async def _attempt(
     trim_first: bool,
     drop_reasoning: bool,
     credit: tuple[int, int],
+    push: Push | None = None,
 ) -> AsyncIterator[list[Event]]:
     """One deployment's stream, watched for first-token and stall timeouts. Raises ``GatewayError`` if it
     fails before any content, ``_Failed`` if it fails with an error another deployment could repair."""
@@ -106,7 +112,28 @@ async def _attempt(
     loop = asyncio.get_running_loop()
     started = loop.time()
     watch = _Watch(started)
-    source = dep.provider.stream(req)
+    splicing = hold_tools or trim_first or drop_reasoning or credit[0] or credit[1]
+
+    def shape(batch: list[Event]) -> list[Event]:
+        nonlocal trim_first
+        batch = _splice(batch, hold_tools, held, trim_first, drop_reasoning, credit)
+        if trim_first and any(type(ev) is TextDelta for ev in batch):
+            trim_first = False
+        return batch
+
+    lane: Push | None = None
+    if push is not None:
+        session_push = push
+
+        def lane(batch: list[Event]) -> bool:
+            watch.read_at = loop.time()
+            if splicing:
+                batch = shape(batch)
+                if not batch:
+                    return True
+            return session_push(batch)
+
+    source = dep.provider.stream(req, lane)
     try:
         async with asyncio.timeout(None) as deadline:
 
@@ -142,10 +169,8 @@ async def _attempt(
                     failed = type(last) is Error and fails_over(last)
                     if failed:
                         batch = batch[:-1]  # what came before the error still reaches the client
-                    if hold_tools or trim_first or drop_reasoning or credit[0] or credit[1]:
-                        batch = _splice(batch, hold_tools, held, trim_first, drop_reasoning, credit)
-                        if trim_first and any(type(ev) is TextDelta for ev in batch):
-                            trim_first = False
+                    if splicing:
+                        batch = shape(batch)
                     if batch:
                         yield batch
                     if failed:
@@ -248,13 +273,11 @@ async def failover_stream(
             settled = False
             try:
                 async for batch in _attempt(
-                    dep, attempt_req, hold_tools, held, trim_first, drop_reasoning, credit
+                    dep, attempt_req, hold_tools, held, trim_first, drop_reasoning, credit, route.push
                 ):
-                    if batch:
-                        yield batch
-                    elif not accepted:
-                        accepted = True
-                        yield batch
+                    # ``[]``: accepted, or a provider stopped pushing (the session checks for a slow reader)
+                    accepted = True
+                    yield batch
                 settled = True
                 dep.breaker.success()
                 return

@@ -24,7 +24,7 @@ from tokenrelay.config import RouterConfig
 from tokenrelay.errors import GatewayError
 from tokenrelay.events import Event
 from tokenrelay.failover import failover_stream
-from tokenrelay.providers.base import Provider
+from tokenrelay.providers.base import Provider, Push
 from tokenrelay.request import ChatRequest
 
 EWMA_ALPHA = 0.2  # weight of the newest stream in the learned latency figures
@@ -74,10 +74,11 @@ class Deployment:
 class Route:
     """Where one stream is being served; the failover loop updates it as it moves."""
 
-    __slots__ = ("attempts", "decision", "deployment", "failovers")
+    __slots__ = ("attempts", "decision", "deployment", "failovers", "push")
 
     def __init__(self, deployment: str) -> None:
         self.deployment = deployment
+        self.push: Push | None = None  # the stream session's synchronous intake, once a session owns it
         self.decision: Decision | None = None  # set when a router chose the deployments
         self.attempts = 0
         self.failovers = 0  # mid-stream continuations on another deployment

@@ -1,11 +1,15 @@
 """Stream sessions: one model stream, its sequenced event log, and the clients following it.
 
 The provider runs in the session's own task (one per stream, never one per chunk) and appends each
-batch to ``events``; an event's sequence number is its position + 1. Readers (``Follower``) keep a
+batch to ``events``; an event's sequence number is its position + 1. A provider that can also hands its
+non-terminal batches to ``push()`` from inside its socket callback, while the task stays parked in it: no
+task step and no generator chain per chunk (``providers/base.py``). Readers (``Follower``) keep a
 cursor into that log, so the client that started the stream, a client resuming it and a slow client all
 read the same log at their own pace, and the model is never blocked by a reader. A follower wakes on
 new events, on its keep-alive timer (one self-re-arming timer per follower, not one per chunk) and on
-its client's disconnect.
+its client's disconnect. A follower whose transport can write without waiting (``Follower.writer``) is
+written to directly when a batch arrives while it is parked and caught up, so its task is not woken
+either; a terminal batch, a full socket or a lagging cursor always go through the task.
 
 Backpressure: the log absorbs a slow reader's lag up to ``max_buffered`` events; beyond that the session
 stops pulling from the provider (so the upstream socket fills and TCP pushes back on the model) until the
@@ -26,6 +30,8 @@ from tokenrelay.errors import GatewayError
 from tokenrelay.events import TERMINAL, Error, Event
 from tokenrelay.request import ChatRequest
 from tokenrelay.router import Route
+
+_TERMINAL_TYPES = frozenset(TERMINAL)
 
 if TYPE_CHECKING:
     from tokenrelay.admission import Principal
@@ -80,17 +86,47 @@ class StreamSession:
         self.paused: asyncio.Future[None] | None = None
         self._grace: asyncio.TimerHandle | None = None
         self._waiters: list[asyncio.Future[None]] = []
+        self._parked: list[Follower] = []  # followers waiting in next_batch()
+        self._last_batch = 0.0
+        # batches that took the push lane, and batches a follower got without a wake-up (GET /stats)
+        self.pushed = 0
+        self.written_direct = 0
         self._loop = asyncio.get_running_loop()
+        route.push = self.push
         self.task = self._loop.create_task(self._run(source), name=f"stream {stream_id}")
 
     @property
     def deployment(self) -> str:
         return self.route.deployment
 
-    def _wake(self) -> None:
+    def _wake(self, start: int = -1) -> None:
+        """Wake whoever waits for new events. ``start``: where a non-terminal batch begins, so a parked,
+        caught-up follower with a writer gets it written now instead of a wake-up."""
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             _wake_all(waiters)
+        parked = self._parked
+        if parked:
+            self._parked = still = []
+            for follower in parked:
+                if start >= 0 and follower.writer is not None and follower.write_now(start):
+                    still.append(follower)
+                else:
+                    follower.listed = False
+                    follower._poke()
+
+    def _publish(self, batch: list[Event]) -> None:
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        elif self.batch_gaps is not None:
+            self.batch_gaps.observe(now - self._last_batch)
+        self._last_batch = now
+        start = len(self.events)
+        self.events.extend(batch)
+        if self.sink is not None:
+            self.sink(self, start, batch)
+        self._wake(-1 if type(batch[-1]) in _TERMINAL_TYPES else start)
 
     def _append(self, batch: list[Event]) -> None:
         start = len(self.events)
@@ -98,28 +134,33 @@ class StreamSession:
         if self.sink is not None:
             self.sink(self, start, batch)
 
+    def push(self, batch: list[Event]) -> bool:
+        """A provider's non-terminal batch, from its socket callback while this session's task waits inside
+        the provider. ``False``: a reader is too far behind, so the provider stops pushing and yields
+        ``[]``, and the task applies backpressure."""
+        self.pushed += 1
+        self._publish(batch)
+        return not self._must_wait()
+
+    def _must_wait(self) -> bool:
+        """A reader is more than ``max_buffered`` events behind."""
+        limit = len(self.events) - self.max_buffered
+        return limit > 0 and any(f.cursor < limit for f in self.readers)
+
     async def _run(self, source: AsyncIterator[list[Event]]) -> None:
         events = self.events
-        last_batch = 0.0
         try:
             async for batch in source:
                 self.accepted = True
+                # no break after the last batch: the source returns by itself next, so every generator
+                # under it finishes in place (an abandoned async generator is closed later by a task the
+                # event loop creates for it, tens of microseconds per stream)
                 if batch:
-                    now = time.perf_counter()
-                    if self.first_token_at is None:
-                        self.first_token_at = now
-                    elif self.batch_gaps is not None:
-                        self.batch_gaps.observe(now - last_batch)
-                    last_batch = now
-                    self._append(batch)
-                    self._wake()
-                    # no break after the last batch: the source returns by itself next, so every
-                    # generator under it finishes in place (an abandoned async generator is closed later
-                    # by a task the event loop creates for it, tens of microseconds per stream)
-                    if len(events) - self.max_buffered > 0 and self.readers:
-                        await self._backpressure()
+                    self._publish(batch)
                 else:
-                    self._wake()
+                    self._wake()  # accepted; or a provider stopped pushing for the backpressure below
+                if self._must_wait():
+                    await self._backpressure()
             else:
                 if not events or not isinstance(events[-1], TERMINAL):
                     self._append(
@@ -224,10 +265,12 @@ class Follower:
         "gone",
         "keepalive",
         "last_write",
+        "listed",
         "on_evict",
         "progress_at",
         "session",
         "stalled",
+        "writer",
     )
 
     def __init__(self, session: StreamSession, after: int, keepalive: float | None) -> None:
@@ -236,6 +279,10 @@ class Follower:
         self.gone = False
         self.stalled = False
         self.on_evict: Callable[[], object] | None = None  # the transport's way to stop a blocked write
+        # the transport's synchronous lane: write events[start:] now and return True, or return False having
+        # written nothing and touched no state (no room, the client left), so the task takes the batch
+        self.writer: Callable[[list[Event], int], bool] | None = None
+        self.listed = False  # in the session's parked list
         self.keepalive = keepalive
         self._loop = session._loop
         self.last_write = self.progress_at = self._loop.time()
@@ -272,6 +319,28 @@ class Follower:
     def wrote(self) -> None:
         self.last_write = self._loop.time()
 
+    def write_now(self, start: int) -> bool:
+        """Write the batch that begins at ``start`` through ``writer``, if this follower's task is parked in
+        ``next_batch`` with every earlier event sent (so nothing it holds can be overtaken)."""
+        fut = self._fut
+        if fut is None or fut.done() or self.cursor != start or self.gone:
+            return False
+        events = self.session.events
+        try:
+            if not self.writer(events[start:], start):  # type: ignore[misc]
+                return False
+        except Exception:
+            log.exception("writing to a client of %s failed; its task takes over", self.session.id)
+            self.writer = None
+            return False
+        self.cursor = len(events)
+        self.progress_at = self.last_write = self._loop.time()
+        session = self.session
+        session.written_direct += 1
+        if session.paused is not None:
+            session.reader_progress()
+        return True
+
     async def next_batch(self) -> list[Event] | None:
         """New events after the cursor; ``[]`` when a keep-alive is due; ``None`` at the end or once the
         client left."""
@@ -291,13 +360,20 @@ class Follower:
             if self.keepalive and self._loop.time() - self.last_write >= self.keepalive:
                 return []
             fut = self._fut = self._loop.create_future()
-            session._waiters.append(fut)
+            if not self.listed:
+                self.listed = True
+                session._parked.append(self)
             await fut
 
     def close(self) -> None:
+        self.writer = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.session.readers.discard(self)
-        if self.session.paused is not None:
-            self.session.reader_progress()
+        session = self.session
+        session.readers.discard(self)
+        if self.listed:
+            self.listed = False
+            session._parked.remove(self)
+        if session.paused is not None:
+            session.reader_progress()

@@ -5,7 +5,8 @@ upstream took ~900 us to its response headers on an idle loop against ~160-250 u
 a raw connection, and its StreamReader was ~14% of the gateway's CPU at 200 streams. This client does
 the one thing the gateway needs (one request, then the body as it arrives) in an ``asyncio.Protocol``:
 the request head and body go out in one write, the response is parsed in ``data_received`` and decoded
-body bytes wait in one buffer for ``read_any()``.
+body bytes wait in one buffer for ``read_any()``, or, in push mode (``push_reads()``), go to a callback
+from inside ``data_received`` with no task wake-up.
 
 Scope: HTTP/1.1 over TCP or TLS; ``Content-Length``, chunked and close-delimited bodies; no redirects,
 no proxies, no compression (we send no ``Accept-Encoding``). aiohttp stays for everything else.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -69,6 +71,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
         self.got_bytes = False
+        self.on_body: Callable[[bytes], bool] | None = None  # push mode's consumer
 
     # -- protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,6 +89,16 @@ class _Connection(asyncio.Protocol):
             self.keep_alive = False
             if self.transport is not None:
                 self.transport.abort()
+        on_body = self.on_body
+        if on_body is not None and self.exc is None:
+            keep = True
+            if self.body:
+                body = bytes(self.body)
+                self.body.clear()
+                keep = on_body(body)
+            if keep and not self.complete:
+                return  # stay in push mode: the reader's task sleeps on
+            self.on_body = None
         self._wake()
         if len(self.body) > _HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
@@ -93,6 +106,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.on_body = None
         self.pool._forget(self)
         if not self.complete:
             if self.head_done and self.mode == "close" and exc is None:
@@ -236,6 +250,21 @@ class UpstreamResponse:
                 raise conn.exc
             conn.waiter = conn.loop.create_future()
             await conn.waiter
+            conn.waiter = None
+
+    async def push_reads(self, on_body: Callable[[bytes], bool]) -> None:
+        """Hand every body read to ``on_body`` inside the socket callback until it returns ``False``, the body
+        ends or the connection fails; then return (what comes after waits for ``read_any()``). Call it
+        only when ``read_any()`` has taken everything buffered."""
+        conn = self._conn
+        if conn.body or conn.complete or conn.exc is not None:
+            return
+        conn.on_body = on_body
+        conn.waiter = conn.loop.create_future()
+        try:
+            await conn.waiter
+        finally:
+            conn.on_body = None
             conn.waiter = None
 
     async def drain(self, patience: float = 0.5) -> None:

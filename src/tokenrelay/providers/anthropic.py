@@ -11,8 +11,6 @@ truncated; ``event: error`` ends the stream with that error.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from typing import Any
 
 import msgspec
 
@@ -28,9 +26,10 @@ from tokenrelay.anthropic_wire import (
 )
 from tokenrelay.config import ModelConfig
 from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
-from tokenrelay.providers.http_base import HttpStreamProvider, SSEReads
+from tokenrelay.providers.http_base import HttpStreamProvider, StreamDecoder
 from tokenrelay.request import ChatRequest
-from tokenrelay.upstream_http import HttpPool, UpstreamResponse
+from tokenrelay.sse import SSEEvent
+from tokenrelay.upstream_http import HttpPool
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
@@ -84,88 +83,91 @@ class AnthropicProvider(HttpStreamProvider):
         body = mapping.request_to_anthropic(req, model, self.cfg.default_max_tokens)
         return msgspec.json.encode({**self.body_defaults, **body} if self.body_defaults else body)
 
-    async def relay(
-        self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any]
-    ) -> AsyncIterator[list[Event]]:
-        counts = _Counts()
-        stop: str | None = None
-        tools: dict[int, int] = {}  # Anthropic block index -> tool-call number
-        async for events in SSEReads(resp):
-            batch: list[Event] = []
-            for ev in events:
-                try:
-                    # the event name is authoritative; a server that leaves it out still names the type
-                    name = ev.event or up_type_decoder.decode(ev.data).type
-                    if name == "content_block_delta":
-                        d = up_delta_decoder.decode(ev.data)
-                        delta = d.delta
-                        if delta is None:
-                            continue
-                        if delta.type == "text_delta" and delta.text:
-                            batch.append(TextDelta(delta.text))
-                        elif delta.type == "thinking_delta" and delta.thinking:
-                            batch.append(ReasoningDelta(delta.thinking))
-                        elif delta.type == "input_json_delta" and delta.partial_json and d.index in tools:
-                            batch.append(ToolCallDelta(index=tools[d.index], arguments=delta.partial_json))
-                    elif name == "content_block_start":
-                        s = up_block_start_decoder.decode(ev.data)
-                        block = s.content_block
-                        if block is None:
-                            continue
-                        if block.type == "tool_use":
-                            tools[s.index] = len(tools)
-                            batch.append(
-                                ToolCallDelta(
-                                    index=tools[s.index],
-                                    id=block.id,
-                                    name=block.name,
-                                    # a non-streamed input (some servers send it whole) is one fragment
-                                    arguments=msgspec.json.encode(block.input).decode()
-                                    if block.input
-                                    else "",
-                                )
-                            )
-                        elif block.type == "text" and block.text:
-                            batch.append(TextDelta(block.text))
-                        elif block.type == "thinking" and block.thinking:
-                            batch.append(ReasoningDelta(block.thinking))
-                    elif name == "message_start":
-                        m = up_start_decoder.decode(ev.data).message
-                        counts.update(m.usage if m else None)
-                    elif name == "message_delta":
-                        md = up_message_delta_decoder.decode(ev.data)
-                        counts.update(md.usage)
-                        if md.delta is not None and md.delta.stop_reason:
-                            stop = md.delta.stop_reason
-                    elif name == "message_stop":
-                        batch += [counts.usage(), Finish(mapping.finish_reason(stop))]  # type: ignore[arg-type]
-                        state["done"] = True
-                        yield batch
-                        return
-                    elif name == "error":
-                        err = up_error_event_decoder.decode(ev.data).error
-                        etype = (err.type if err else None) or "upstream_error"
+    def decoder(self, req: ChatRequest) -> StreamDecoder:
+        return _Decoder()
+
+
+class _Decoder(StreamDecoder):
+    __slots__ = ("counts", "stop", "tools")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = _Counts()
+        self.stop: str | None = None
+        self.tools: dict[int, int] = {}  # Anthropic block index -> tool-call number
+
+    def decode(self, events: list[SSEEvent]) -> list[Event]:
+        counts = self.counts
+        tools = self.tools
+        batch: list[Event] = []
+        for ev in events:
+            try:
+                # the event name is authoritative; a server that leaves it out still names the type
+                name = ev.event or up_type_decoder.decode(ev.data).type
+                if name == "content_block_delta":
+                    d = up_delta_decoder.decode(ev.data)
+                    delta = d.delta
+                    if delta is None:
+                        continue
+                    if delta.type == "text_delta" and delta.text:
+                        batch.append(TextDelta(delta.text))
+                    elif delta.type == "thinking_delta" and delta.thinking:
+                        batch.append(ReasoningDelta(delta.thinking))
+                    elif delta.type == "input_json_delta" and delta.partial_json and d.index in tools:
+                        batch.append(ToolCallDelta(index=tools[d.index], arguments=delta.partial_json))
+                elif name == "content_block_start":
+                    s = up_block_start_decoder.decode(ev.data)
+                    block = s.content_block
+                    if block is None:
+                        continue
+                    if block.type == "tool_use":
+                        tools[s.index] = len(tools)
                         batch.append(
-                            Error(
-                                type="upstream_overloaded"
-                                if etype == "overloaded_error"
-                                else "upstream_error",
-                                message=(err.message if err else None) or etype,
-                                status=503 if etype == "overloaded_error" else 502,
-                                code=etype,
+                            ToolCallDelta(
+                                index=tools[s.index],
+                                id=block.id,
+                                name=block.name,
+                                # a non-streamed input (some servers send it whole) is one fragment
+                                arguments=msgspec.json.encode(block.input).decode() if block.input else "",
                             )
                         )
-                        yield batch
-                        return
-                    # ping, content_block_stop and unknown event types carry nothing to relay
-                except msgspec.DecodeError:
-                    batch.append(Error(type="upstream_error", message="upstream sent a malformed event"))
-                    yield batch
-                    return
-            if batch:
-                yield batch
-        yield [
-            Error(
-                type="upstream_disconnect", message="upstream stream ended without message_stop (truncated)"
-            )
-        ]
+                    elif block.type == "text" and block.text:
+                        batch.append(TextDelta(block.text))
+                    elif block.type == "thinking" and block.thinking:
+                        batch.append(ReasoningDelta(block.thinking))
+                elif name == "message_start":
+                    m = up_start_decoder.decode(ev.data).message
+                    counts.update(m.usage if m else None)
+                elif name == "message_delta":
+                    md = up_message_delta_decoder.decode(ev.data)
+                    counts.update(md.usage)
+                    if md.delta is not None and md.delta.stop_reason:
+                        self.stop = md.delta.stop_reason
+                elif name == "message_stop":
+                    batch += [counts.usage(), Finish(mapping.finish_reason(self.stop))]  # type: ignore[arg-type]
+                    self.ended = self.clean = True
+                    return batch
+                elif name == "error":
+                    err = up_error_event_decoder.decode(ev.data).error
+                    etype = (err.type if err else None) or "upstream_error"
+                    batch.append(
+                        Error(
+                            type="upstream_overloaded" if etype == "overloaded_error" else "upstream_error",
+                            message=(err.message if err else None) or etype,
+                            status=503 if etype == "overloaded_error" else 502,
+                            code=etype,
+                        )
+                    )
+                    self.ended = True
+                    return batch
+                # ping, content_block_stop and unknown event types carry nothing to relay
+            except msgspec.DecodeError:
+                batch.append(Error(type="upstream_error", message="upstream sent a malformed event"))
+                self.ended = True
+                return batch
+        return batch
+
+    def truncated(self) -> Error:
+        return Error(
+            type="upstream_disconnect", message="upstream stream ended without message_stop (truncated)"
+        )

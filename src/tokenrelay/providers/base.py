@@ -7,17 +7,25 @@
    the job); response headers and keep-alives may start from then on.
 3. Every later yield is what one upstream read produced; the last batch ends with ``Usage`` (if known)
    then ``Finish``, or with ``Error``. Cancelling the generator's task must stop the upstream work.
+
+The push lane (optional): ``stream(req, push)`` may, once it has yielded its first non-empty batch, hand
+later non-terminal batches to ``push`` from inside its socket callback instead of yielding them, while
+the generator waits. That saves the stream's task a wake-up and a trip up the generator chain per
+chunk. The terminal batch is always yielded. When ``push`` returns ``False`` the provider stops pushing
+and yields ``[]`` next (the session then waits for a slow reader), and may push again after that.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 from tokenrelay.config import ModelConfig
 from tokenrelay.events import Event
 from tokenrelay.request import ChatRequest
+
+Push = Callable[[list[Event]], bool]
 
 
 class Provider(abc.ABC):
@@ -39,4 +47,4 @@ class Provider(abc.ABC):
         return {"kind": self.kind, "ready": self.ready}
 
     @abc.abstractmethod
-    def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]: ...
+    def stream(self, req: ChatRequest, push: Push | None = None) -> AsyncIterator[list[Event]]: ...

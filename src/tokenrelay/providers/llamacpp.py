@@ -32,7 +32,7 @@ from tokenrelay.config import ModelConfig
 from tokenrelay.errors import GatewayError, invalid
 from tokenrelay.events import Error, Event, Finish, TextDelta, ToolCallDelta, Usage
 from tokenrelay.openai_wire import AssistantMessage, AudioPart, ImagePart, RefusalPart, TextPart
-from tokenrelay.providers.base import Provider
+from tokenrelay.providers.base import Provider, Push
 from tokenrelay.providers.llamacpp_grammar import CallText, Constraint, compile_grammar, plan
 from tokenrelay.request import ChatRequest
 
@@ -209,7 +209,7 @@ class LlamaCppProvider(Provider):
                 out.insert(0, {"role": "system", "content": constraint.instruction})
         return out
 
-    async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
+    async def stream(self, req: ChatRequest, push: Push | None = None) -> AsyncIterator[list[Event]]:
         constraint = plan(req)
         messages = self._messages(req, constraint)
         if self._continues(messages):
@@ -220,10 +220,10 @@ class LlamaCppProvider(Provider):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | ToolCallDelta | _Done] = asyncio.Queue()
         cancel = threading.Event()
-        push = queue.put_nowait
+        put = queue.put_nowait
 
         def emit(item: str | ToolCallDelta | _Done) -> None:
-            loop.call_soon_threadsafe(push, item)
+            loop.call_soon_threadsafe(put, item)
 
         self.queued += 1
         job = loop.run_in_executor(

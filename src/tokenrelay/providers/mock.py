@@ -14,7 +14,7 @@ import msgspec
 from tokenrelay.config import ModelConfig
 from tokenrelay.events import Error, Event
 from tokenrelay.mock import Fault, MockStats, parse_options, run_script
-from tokenrelay.providers.base import Provider
+from tokenrelay.providers.base import Provider, Push
 from tokenrelay.request import ChatRequest
 
 FAULT_ERRORS = {
@@ -36,7 +36,7 @@ class MockProvider(Provider):
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), **self.stats_data.__dict__}
 
-    async def stream(self, req: ChatRequest) -> AsyncIterator[list[Event]]:
+    async def stream(self, req: ChatRequest, push: Push | None = None) -> AsyncIterator[list[Event]]:
         opts = parse_options(self.cfg.options, req.mock)
         # what this deployment was asked (a failover's continuation shows its assistant prefix here)
         self.stats_data.last_request = {

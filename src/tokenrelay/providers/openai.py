@@ -1,14 +1,14 @@
 """The ``openai`` provider: any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp server ...).
 
 Pooling, timeouts and error mapping come from ``http_base``. Reading: every socket read as it comes (no
-128 KiB line limit), our own SSE parser, one typed msgspec decode per chunk, one event batch per read.
+128 KiB line limit), our own SSE parser, one typed msgspec decode per chunk, one event batch per read
+(``_Decoder``, which also serves the push lane from the socket callback).
 A stream that ends without ``[DONE]`` is truncated and reported as ``upstream_disconnect``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -16,9 +16,10 @@ import msgspec
 from tokenrelay.config import ModelConfig
 from tokenrelay.events import Error, Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from tokenrelay.openai_wire import UpChunk, UpError, UpUsage, up_chunk_decoder
-from tokenrelay.providers.http_base import HttpStreamProvider, SSEReads
+from tokenrelay.providers.http_base import HttpStreamProvider, StreamDecoder
 from tokenrelay.request import ChatRequest, estimate_prompt_tokens
-from tokenrelay.upstream_http import HttpPool, UpstreamResponse
+from tokenrelay.sse import SSEEvent
+from tokenrelay.upstream_http import HttpPool
 
 _FINISH = {
     "stop": "stop",
@@ -100,43 +101,50 @@ class OpenAIProvider(HttpStreamProvider):
                 payload[name] = value
         return msgspec.json.encode(payload)
 
-    async def relay(
-        self, resp: UpstreamResponse, req: ChatRequest, state: dict[str, Any]
-    ) -> AsyncIterator[list[Event]]:
-        finish: str | None = None
-        usage: Usage | None = None
-        produced = 0
-        async for events in SSEReads(resp):
-            batch: list[Event] = []
-            for ev in events:
-                payload = ev.data
-                if payload[:6] == b"[DONE]":
-                    produced += len(batch)
-                    batch += [usage or self._estimate(req, produced), Finish(finish or "stop")]  # type: ignore[arg-type]
-                    state["done"] = True
-                    yield batch
-                    return
-                try:
-                    chunk = up_chunk_decoder.decode(payload)
-                except msgspec.DecodeError:
-                    batch.append(Error(type="upstream_error", message="upstream sent a malformed chunk"))
-                    yield batch
-                    return
-                if chunk.error:
-                    batch.append(_chunk_error(chunk.error))
-                    yield batch
-                    return
-                finish = chunk_events(chunk, batch) or finish
-                if chunk.usage is not None:
-                    usage = _usage(chunk.usage)
-            if batch:
-                produced += len(batch)
-                yield batch
-        yield [Error(type="upstream_disconnect", message="upstream stream ended without [DONE] (truncated)")]
+    def decoder(self, req: ChatRequest) -> StreamDecoder:
+        return _Decoder(req)
 
-    @staticmethod
-    def _estimate(req: ChatRequest, produced: int) -> Usage:
-        return Usage(prompt_tokens=estimate_prompt_tokens(req), completion_tokens=produced)
+
+class _Decoder(StreamDecoder):
+    __slots__ = ("finish", "produced", "req", "usage")
+
+    def __init__(self, req: ChatRequest) -> None:
+        super().__init__()
+        self.req = req
+        self.finish: str | None = None
+        self.usage: Usage | None = None
+        self.produced = 0  # events so far: the completion count when the upstream reports no usage
+
+    def decode(self, events: list[SSEEvent]) -> list[Event]:
+        batch: list[Event] = []
+        for ev in events:
+            payload = ev.data
+            if payload[:6] == b"[DONE]":
+                self.produced += len(batch)
+                usage = self.usage or Usage(
+                    prompt_tokens=estimate_prompt_tokens(self.req), completion_tokens=self.produced
+                )
+                batch += [usage, Finish(self.finish or "stop")]  # type: ignore[arg-type]
+                self.ended = self.clean = True
+                return batch
+            try:
+                chunk = up_chunk_decoder.decode(payload)
+            except msgspec.DecodeError:
+                batch.append(Error(type="upstream_error", message="upstream sent a malformed chunk"))
+                self.ended = True
+                return batch
+            if chunk.error:
+                batch.append(_chunk_error(chunk.error))
+                self.ended = True
+                return batch
+            self.finish = chunk_events(chunk, batch) or self.finish
+            if chunk.usage is not None:
+                self.usage = _usage(chunk.usage)
+        self.produced += len(batch)
+        return batch
+
+    def truncated(self) -> Error:
+        return Error(type="upstream_disconnect", message="upstream stream ended without [DONE] (truncated)")
 
 
 def _usage(u: UpUsage) -> Usage:

@@ -40,6 +40,7 @@ from tokenrelay.protocol.validation import decode_body
 from tokenrelay.providers.mock import MockProvider
 from tokenrelay.session import StreamSession
 from tokenrelay.transport.credentials import credential, credential_digest, header
+from tokenrelay.transport.server import DIRECT_WRITE
 from tokenrelay.transport.websocket import serve_websocket
 
 if TYPE_CHECKING:
@@ -199,6 +200,26 @@ def error_headers(err: GatewayError) -> list[tuple[bytes, bytes]]:
     if err.retry_after is not None:
         return [(b"retry-after", str(max(0, round(err.retry_after))).encode()), *err.headers]
     return err.headers
+
+
+def _direct_writer(direct: Any, encoder: StreamEncoder, numbered: bool) -> Callable[[list[Event], int], bool]:
+    """The follower's synchronous lane on a server that offers one (``server.DIRECT_WRITE``): a batch that
+    arrives while the handler waits is encoded and written from the upstream's socket callback, with no
+    wake-up of the handler's task. Refuses (touching nothing) when the socket has no room."""
+    writable = direct.writable
+    write_body = direct.write_body
+
+    def write(batch: list[Event], start: int) -> bool:
+        if not writable():
+            return False
+        write_body(encode_numbered(encoder, batch, start) if numbered else encoder.encode(batch))
+        return True
+
+    return write
+
+
+def _absorb(batch: list[Event], start: int) -> bool:
+    return True
 
 
 async def watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:
@@ -510,6 +531,10 @@ class HttpApp:
                 # backpressure: streams waiting on a slow reader, and the events live streams hold
                 "paused_streams": sum(1 for st in gw.streams.values() if st.paused is not None),
                 "log_events": sum(len(st.events) for st in gw.streams.values()),
+                # the fast lanes since start: batches pushed from the upstream socket's callback, and
+                # batches a client got without its handler waking up
+                "pushed_batches": gw.retired_lanes[0] + sum(st.pushed for st in gw.streams.values()),
+                "direct_writes": gw.retired_lanes[1] + sum(st.written_direct for st in gw.streams.values()),
                 "evicted_readers": gw.evicted,
                 "models": {
                     n: {
@@ -714,7 +739,12 @@ class HttpApp:
             if opening:
                 await send({"type": "http.response.body", "body": opening, "more_body": True})
             numbered = resume and protocol.media_type == SSE_MEDIA
+            direct = scope.get("extensions", {}).get(DIRECT_WRITE)
+            if direct is not None:
+                follower.writer = _direct_writer(direct, encoder, numbered)
             while (batch := await follower.next_batch()) is not None:
+                # what came before this batch went out (sent here, or written by the direct lane)
+                delivered = follower.cursor - len(batch)
                 if not batch:
                     data = keepalive
                 elif numbered:
@@ -797,6 +827,7 @@ class HttpApp:
         with_routing: bool = False,
     ) -> int:
         follower = session.follow()
+        follower.writer = _absorb  # the answer is built from the log at the end: no wake-up per chunk
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
         try:
             while await follower.next_batch() is not None:

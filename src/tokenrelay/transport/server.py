@@ -46,6 +46,10 @@ log = logging.getLogger("tokenrelay.server")
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
+
+# scope["extensions"][DIRECT_WRITE]: the response's synchronous lane (``_Cycle.writable``/``write_body``), for
+# an app that writes stream chunks from a callback without a task switch (transport/http.py does)
+DIRECT_WRITE = "tokenrelay.direct_write"
 App = Callable[
     [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
 ]
@@ -178,6 +182,22 @@ class _Cycle:
         if not more:
             self.response_done = True
             conn.response_finished(self)
+
+    def writable(self) -> bool:
+        """Whether ``write_body`` may be used now: a chunked response under way with room in the socket's
+        buffer (exactly when a ``send`` would write at once)."""
+        return (
+            self.chunked_out
+            and not self.response_done
+            and self.conn.write_paused is None
+            and not self.conn.closed
+            and not self.head_only
+        )
+
+    def write_body(self, body: bytes) -> None:
+        """One more part of a streamed body, written now; only after ``writable()`` said yes."""
+        if body:
+            self.conn.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
 
     def _head(self, length: int | None) -> bytes:
         if not self.status:
@@ -383,6 +403,7 @@ class HttpConnection(asyncio.Protocol):
         scope["method"] = method.decode("ascii", "replace")
         scope["scheme"] = self.scheme
         cycle = self.cycle = _Cycle(self, keep_alive, method == b"HEAD")
+        scope["extensions"] = {DIRECT_WRITE: cycle}
         self.body_chunked = chunked
         self.chunk_state = "size"
         self.body_left = length or 0
