@@ -52,3 +52,22 @@ def test_event_size_limit() -> None:
     parser = SSEParser(max_event_bytes=1000)
     with pytest.raises(SSEError):
         parser.feed(b"data: " + b"x" * 2000)
+
+
+def test_one_event_per_read_matches_the_general_path() -> None:
+    """A read holding exactly one one-line event takes a shortcut; it must agree with the full parse,
+    also when a read with a partial event comes between."""
+    reads = [
+        b'data: {"a":1}\n\n',
+        b"data: x\n\n",
+        b"data: par",
+        b"tial\n\n",
+        b"data: y\n\n",
+        b"data: [DONE]\n\n",
+    ]
+    expected = [(None, b'{"a":1}'), (None, b"x"), (None, b"partial"), (None, b"y"), (None, b"[DONE]")]
+    assert feed_all(reads) == expected
+    assert feed_all([b"".join(reads)]) == expected
+    parser = SSEParser()
+    (event,) = parser.feed(b"data: z\n\n")
+    assert event == (None, b"z", None) and event.data == b"z"

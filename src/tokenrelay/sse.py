@@ -17,6 +17,9 @@ class SSEEvent(NamedTuple):
     id: str | None = None  # the last ``id:`` field of the event (tokenrelay's resume endpoint numbers events)
 
 
+_new = tuple.__new__
+
+
 class SSEError(Exception):
     pass
 
@@ -30,6 +33,17 @@ class SSEParser:
         self.max_event_bytes = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if (
+            not self._buf
+            and not self._pending_cr
+            and chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+        ):
+            # the common read on a relay: exactly one event of one data line ("data: ...\n\n"); built
+            # with tuple.__new__ because a NamedTuple's own constructor is a Python function
+            return [_new(SSEEvent, (None, chunk[6:-2], None))]
         if self._pending_cr:
             # a CR ended the previous read: a LF starting this one belongs to it
             self._pending_cr = False
