@@ -67,6 +67,7 @@ TARGET_ORDER = (
     "direct",
     "nginx",
     "tokenrelay",
+    "tokenrelay-builtin",
     "tokenrelay-2w",
     "tokenrelay-anthropic",
     "tokenrelay-ws",
@@ -831,7 +832,13 @@ def create_key(args: argparse.Namespace, cfg: Path) -> str:
 
 
 def start_tokenrelay(
-    args: argparse.Namespace, tmp: Path, name: str, cfg: Path, workers: int, services: list[Service]
+    args: argparse.Namespace,
+    tmp: Path,
+    name: str,
+    cfg: Path,
+    workers: int,
+    services: list[Service],
+    extra: tuple[str, ...] = (),
 ) -> tuple[int, Service, str | None]:
     """Start ``tokenrelay serve``; return its port, service and the start failure (None when ready)."""
     port = free_port()
@@ -849,7 +856,7 @@ def start_tokenrelay(
     ]
     if workers:
         argv += ["--workers", str(workers)]
-    argv += shlex.split(args.relay_args)
+    argv += [*extra, *shlex.split(args.relay_args)]
     svc = Service(name, argv, tmp / f"{name}.log", env=relay_env())
     services.append(svc)
     try:
@@ -931,7 +938,7 @@ def start_targets(
                 f"nginx reference: {version}, worker_processes 1, proxy_buffering off, upstream keepalive."
             )
             targets.append(Target("nginx", port, svc))
-        elif name in ("tokenrelay", "tokenrelay-2w"):
+        elif name in ("tokenrelay", "tokenrelay-builtin", "tokenrelay-2w"):
             workers = 2 if name == "tokenrelay-2w" else args.workers
             cfg = relay_config(args, tmp, name, up_port)
             if args.features:
@@ -941,7 +948,8 @@ def start_targets(
                     first = next(tmp.glob("tokenrelay*.db"), None)
                     if first is not None:
                         shutil.copy(first, tmp / f"{name}.db")
-            port, svc, failed = start_tokenrelay(args, tmp, name, cfg, workers, services)
+            extra = ("--server", "builtin") if name == "tokenrelay-builtin" else ()
+            port, svc, failed = start_tokenrelay(args, tmp, name, cfg, workers, services, extra)
             if failed:
                 notes.append(f"{name} failed to start:\n\n```\n{failed}\n```")
             targets.append(Target(name, port, svc, failed=failed))
@@ -1047,7 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.features is None:
         args.features = args.scale
     if args.targets is None:
-        args.targets = ",".join(TARGET_ORDER) if args.scale else "direct,nginx,tokenrelay"
+        args.targets = ",".join(TARGET_ORDER) if args.scale else "direct,nginx,tokenrelay,tokenrelay-builtin"
     levels = parse_levels(args)
     nofile = raise_nofile()
 
@@ -1259,7 +1267,7 @@ def scale_checks(summary: dict[tuple[str, str], Row], levels: list[Level]) -> li
     def verdict(ok: bool | None) -> str:
         return "—" if ok is None else ("PASS" if ok else "FAIL")
 
-    relays = ("tokenrelay", "tokenrelay-2w")
+    relays = ("tokenrelay", "tokenrelay-builtin", "tokenrelay-2w")
     keys = [lv.key for lv in levels]
     for lv in keys:
         ngx = get(lv, "nginx", "chunks_per_cpu_s")
@@ -1414,7 +1422,8 @@ def render_scale(
             if args.features
             else "open mode (no keys), default settings. "
         )
-        + "`tokenrelay-2w` is `--workers 2` (SO_REUSEPORT, state per worker, no Redis); "
+        + "`tokenrelay` runs on granian, `tokenrelay-builtin` on the built-in server (`--server builtin`); "
+        "`tokenrelay-2w` is `--workers 2` (SO_REUSEPORT, state per worker, no Redis); "
         "`tokenrelay-anthropic` and `tokenrelay-ws` are the 1-worker gateway through `/v1/messages` and "
         "`/v1/ws/chat`.",
         "- Added TTFT = target TTFT - direct TTFT of the same level and repeat. Chunks = events received "
@@ -1459,6 +1468,7 @@ def plot_scale(summary: dict[tuple[str, str], Row], levels: list[Level], out: Pa
     styles = {
         "nginx": ("tab:gray", "s", "-"),
         "tokenrelay": ("tab:blue", "o", "-"),
+        "tokenrelay-builtin": ("tab:cyan", "P", "--"),
         "tokenrelay-2w": ("tab:green", "^", "-"),
         "tokenrelay-anthropic": ("tab:orange", "D", ":"),
         "tokenrelay-ws": ("tab:purple", "v", ":"),

