@@ -121,11 +121,32 @@ async def _attempt(
             trim_first = False
         return batch
 
+    timer: list[asyncio.TimerHandle] = []
+    deadline: list[asyncio.Timeout] = []
+
+    def watchdog() -> None:
+        now = loop.time()
+        if not watch.reading:  # the stream is paused by its reader, not stalled
+            watch.read_at = now
+        limit = cfg.idle_timeout if watch.first else cfg.first_token_timeout
+        due = (watch.read_at if watch.first else started) + limit
+        if watch.reading and now >= due:
+            deadline[0].reschedule(now)  # TimeoutError below
+        else:
+            timer[0] = loop.call_at(max(due, now + 0.001), watchdog)
+
+    def first_content() -> None:
+        watch.first = True  # from now on the stall limit applies, from the next read
+        timer[0].cancel()
+        timer[0] = loop.call_at(loop.time() + cfg.idle_timeout, watchdog)
+
     lane: Push | None = None
     if push is not None:
         session_push = push
 
         def lane(batch: list[Event]) -> bool:
+            if not watch.first:
+                first_content()
             watch.read_at = loop.time()
             if splicing:
                 batch = shape(batch)
@@ -135,20 +156,9 @@ async def _attempt(
 
     source = dep.provider.stream(req, lane)
     try:
-        async with asyncio.timeout(None) as deadline:
-
-            def watchdog() -> None:
-                now = loop.time()
-                if not watch.reading:  # the stream is paused by its reader, not stalled
-                    watch.read_at = now
-                limit = cfg.idle_timeout if watch.first else cfg.first_token_timeout
-                due = (watch.read_at if watch.first else started) + limit
-                if watch.reading and now >= due:
-                    deadline.reschedule(now)  # TimeoutError below
-                else:
-                    timer[0] = loop.call_at(max(due, now + 0.001), watchdog)
-
-            timer = [loop.call_at(started + cfg.first_token_timeout, watchdog)]
+        async with asyncio.timeout(None) as scope:
+            deadline.append(scope)
+            timer.append(loop.call_at(started + cfg.first_token_timeout, watchdog))
             try:
                 while True:
                     watch.read_at = loop.time()
@@ -162,9 +172,7 @@ async def _attempt(
                         yield batch
                         continue
                     if not watch.first:
-                        watch.first = True  # from now on the stall limit applies, from the next read
-                        timer[0].cancel()
-                        timer[0] = loop.call_at(loop.time() + cfg.idle_timeout, watchdog)
+                        first_content()
                     last = batch[-1]
                     failed = type(last) is Error and fails_over(last)
                     if failed:

@@ -8,9 +8,9 @@
 3. Every later yield is what one upstream read produced; the last batch ends with ``Usage`` (if known)
    then ``Finish``, or with ``Error``. Cancelling the generator's task must stop the upstream work.
 
-The push lane (optional): ``stream(req, push)`` may, once it has yielded its first non-empty batch, hand
-later non-terminal batches to ``push`` from inside its socket callback instead of yielding them, while
-the generator waits. That saves the stream's task a wake-up and a trip up the generator chain per
+The push lane (optional): ``stream(req, push)`` may, once it has yielded ``[]`` (accepted), hand
+non-terminal batches to ``push`` from inside its socket callback instead of yielding them, while the
+generator waits. That saves the stream's task a wake-up and a trip up the generator chain per
 chunk. The terminal batch is always yielded. When ``push`` returns ``False`` the provider stops pushing
 and yields ``[]`` next (the session then waits for a slow reader), and may push again after that.
 """

@@ -5,7 +5,7 @@ measured against aiohttp in docs/performance.md). The upstream is always asked t
 client asked: the gateway assembles non-streaming answers itself, so both kinds share one code path.
 The connect timeout is here; first-token and stall timeouts are the router's, the same for every
 provider. Subclasses say how to build the request body and how to turn the upstream's stream into event
-batches (a ``StreamDecoder``). With a push lane (``providers/base.py``), reads after the first content are
+batches (a ``StreamDecoder``). With a push lane (``providers/base.py``), reads after the upstream accepted are
 decoded inside the upstream socket's callback and handed to the session directly.
 """
 
@@ -105,9 +105,8 @@ class HttpStreamProvider(Provider):
                 accepted = True
                 yield []
                 lane = _Lane(dec, push) if push is not None else None
-                content = False
                 while not dec.ended:
-                    if lane is not None and content:
+                    if lane is not None:
                         # the push lane: later reads go to the session from the socket callback
                         await resp.push_reads(lane.on_body)
                         if lane.failure is not None:
@@ -124,7 +123,6 @@ class HttpStreamProvider(Provider):
                         break
                     batch = dec.feed(data)
                     if batch:
-                        content = True
                         yield batch
             finally:
                 if dec.clean:

@@ -10,7 +10,9 @@ requests: first-token time p50 1.35-1.45 ms here against 2.0-3.0 ms under grania
 Per connection an ``asyncio.Protocol``: the request head is parsed at once, the body is handed to the app
 as it arrives (reading pauses while more than ``BODY_HIGH`` bytes wait), the response goes out with one
 ``transport.write`` per ``send`` (head and first chunk together), chunked unless the app set a length,
-and a ``send`` waits only while the socket's write buffer is over its high-water mark. A client that
+and a ``send`` waits only while the socket's write buffer is over its high-water mark. The ASGI extension
+``tokenrelay.direct_write`` (``DIRECT_WRITE``) lets the app write a streamed body part synchronously from a
+callback when a ``send`` would not wait (transport/http.py uses it: no task wake-up per chunk). A client that
 disconnects turns ``receive()`` into ``http.disconnect`` and later writes into no-ops. WebSocket
 upgrades go through the ``websockets`` package's sans-I/O protocol. Keep-alive, ``Expect: 100-continue``,
 TLS (ALPN ``http/1.1``) and lifespan events are supported; pipelined requests wait their turn.
