@@ -17,7 +17,8 @@ the targets, and with ``--out`` writes or replaces a marked section in that file
 
 ``--scale`` is the issue-7 suite (``make bench``): levels of 5 and 100 streams with the fast
 profile (tokens 20 ms apart), 1,000 and 10,000 with the paced one (one token per second) and a
-saturation level; targets direct, nginx, tokenrelay with 1 and with 2 workers, and the Anthropic
+saturation level; targets direct, nginx, tokenrelay with 1 worker (granian, and the built-in server)
+and with 2 workers, and the Anthropic
 and WebSocket protocols through the 1-worker gateway. The gateway runs with its features on: an
 API key on a plan with a (never reached) rate limit, usage and audit records in SQLite, metrics and
 the in-memory resume log. It writes its own section (``tokenrelay-scale`` markers) and a PNG plot.
