@@ -183,3 +183,69 @@ def test_upstream_stream_takes_the_push_lane_and_direct_writes(gateway: Server) 
     # both requests' later chunks were pushed; the streamed one's went straight to the socket, the whole
     # one's were absorbed until the end
     assert pushed >= 60 and direct >= 60, (pushed, direct)
+
+
+def test_connections_past_the_descriptor_cap_wait_in_the_accept_queue(tmp_path: Path) -> None:
+    """With 300 open files the server takes (300 - 256) / 2 = 22 connections at once; the rest wait in
+    the kernel's accept queue and are served as streams finish: every one completes, none fails, and
+    most of them wait at least one half-second stream for their response to start."""
+    import resource
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tests.conftest import free_port, stop, wait_http
+
+    config = {
+        "server": {"backlog": 16},
+        "models": [{"name": "demo", "provider": "mock", "options": {"tokens": 8, "tokens_per_second": 16}}],
+    }
+    cfg = tmp_path / "capped.yaml"
+    cfg.write_text(json.dumps(config))
+    port = free_port()
+
+    def low_nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
+    log = (tmp_path / "capped.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay", "serve", "--config", str(cfg), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={
+            **__import__("os").environ,
+            "TOKENRELAY_HTTP_SERVER": "builtin",
+            "TOKENRELAY_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'capped.db'}",
+        },
+        preexec_fn=low_nofile,
+    )
+    try:
+        wait_http("127.0.0.1", port, "/readyz", proc, 60)
+        body = json.dumps({"model": "demo", "messages": MESSAGES, "stream": True}).encode()
+        results: list[tuple[float, bytes]] = []
+
+        def one() -> None:
+            t0 = time.perf_counter()  # before connecting: past the accept queue, the SYN itself waits
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+                    % (len(body), body)
+                )
+                first = sock.recv(65536)
+                waited = time.perf_counter() - t0
+                _, _, stream = read_response(sock, bytearray(first))
+                results.append((waited, stream))
+
+        threads = [threading.Thread(target=one) for _ in range(60)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        stop(proc)
+        log.close()
+    assert len(results) == 60
+    assert all(stream.rstrip().endswith(b"data: [DONE]") for _, stream in results)
+    queued = sum(1 for waited, _ in results if waited > 0.4)
+    assert queued >= 30, sorted(round(w, 2) for w, _ in results)
