@@ -111,6 +111,16 @@ def test_one_json_log_line_per_request_with_its_ids(gateway: Server) -> None:
     assert entry["status"] == 200 and entry["ttft_ms"] is not None
 
 
+def fresh_get(gw: Server, path: str) -> int:
+    """The status of ``GET path`` on a new connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 def test_workers_add_up_in_every_scrape(tmp_path: Path) -> None:
     """With ``--workers 2`` each request lands on one worker (SO_REUSEPORT spreads connections), yet
     every scrape, whichever worker answers it, counts all of them: the workers share their counters and
@@ -119,6 +129,9 @@ def test_workers_add_up_in_every_scrape(tmp_path: Path) -> None:
     requests = 24
     shared_before = set(Path(tempfile.gettempdir()).glob("tokenrelay-metrics-*"))
     with serving(tmp_path, config, args=("--workers", "2")) as gw:
+        # serving() saw one worker ready; the other may still be loading: ready answers on 20 fresh
+        # connections in a row (the kernel spreads them over both workers)
+        wait_for(lambda: all(fresh_get(gw, "/readyz") == 200 for _ in range(20)), timeout=30)
         for _ in range(requests):  # raw_post opens a new connection each time
             resp = raw_post(gw.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES})
             assert resp.status == 200
