@@ -40,7 +40,7 @@ from tokenrelay.protocol.validation import decode_body
 from tokenrelay.providers.mock import MockProvider
 from tokenrelay.session import StreamSession
 from tokenrelay.transport.credentials import credential, credential_digest, header
-from tokenrelay.transport.server import DIRECT_WRITE
+from tokenrelay.transport.server import SYNC_RESPONSE
 from tokenrelay.transport.websocket import serve_websocket
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def error_headers(err: GatewayError) -> list[tuple[bytes, bytes]]:
 
 
 def _direct_writer(direct: Any, encoder: StreamEncoder, numbered: bool) -> Callable[[list[Event], int], bool]:
-    """The follower's synchronous lane on a server that offers one (``server.DIRECT_WRITE``): a batch that
+    """The follower's synchronous lane on a server that offers one (``server.SYNC_RESPONSE``): a batch that
     arrives while the handler waits is encoded and written from the upstream's socket callback, with no
     wake-up of the handler's task. Refuses (touching nothing) when the socket has no room."""
     writable = direct.writable
@@ -220,6 +220,15 @@ def _direct_writer(direct: Any, encoder: StreamEncoder, numbered: bool) -> Calla
 
 def _absorb(batch: list[Event], start: int) -> bool:
     return True
+
+
+def on_disconnect(scope: Scope, receive: Receive, on_gone: Callable[[], None]) -> Callable[[], object]:
+    """Call ``on_gone`` when the client leaves; returns the way to stop watching. The built-in server
+    calls it from the connection (``server.SYNC_RESPONSE``); elsewhere a task waits on ``receive()``."""
+    sync = scope.get("extensions", {}).get(SYNC_RESPONSE)
+    if sync is not None:
+        return sync.watch_disconnect(on_gone)  # type: ignore[no-any-return]
+    return asyncio.get_running_loop().create_task(watch_disconnect(receive, on_gone)).cancel
 
 
 async def watch_disconnect(receive: Receive, on_gone: Callable[[], None]) -> None:
@@ -705,7 +714,7 @@ class HttpApp:
         resume: bool = False,
     ) -> int:
         follower = session.follow(after=after, keepalive=self.server.keepalive_seconds)
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
+        unwatch = on_disconnect(scope, receive, follower.disconnect)
         handler_task = asyncio.current_task()
         assert handler_task is not None
         follower.on_evict = handler_task.cancel  # a write stuck on a client that stopped reading
@@ -739,7 +748,7 @@ class HttpApp:
             if opening:
                 await send({"type": "http.response.body", "body": opening, "more_body": True})
             numbered = resume and protocol.media_type == SSE_MEDIA
-            direct = scope.get("extensions", {}).get(DIRECT_WRITE)
+            direct = scope.get("extensions", {}).get(SYNC_RESPONSE)
             if direct is not None:
                 follower.writer = _direct_writer(direct, encoder, numbered)
             while (batch := await follower.next_batch()) is not None:
@@ -787,7 +796,7 @@ class HttpApp:
             await self._drop_stalled(session, delivered, encoder, send)
             return 408
         finally:
-            watcher.cancel()
+            unwatch()
             follower.close()
             if follower.stalled:
                 session.client_left("continue", self.server.disconnect_grace_seconds)
@@ -828,12 +837,12 @@ class HttpApp:
     ) -> int:
         follower = session.follow()
         follower.writer = _absorb  # the answer is built from the log at the end: no wake-up per chunk
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, follower.disconnect))
+        unwatch = on_disconnect(scope, receive, follower.disconnect)
         try:
             while await follower.next_batch() is not None:
                 pass
         finally:
-            watcher.cancel()
+            unwatch()
             follower.close()
         if follower.gone:
             self.gateway.client_left(session)

@@ -11,9 +11,10 @@ Per connection an ``asyncio.Protocol``: the request head is parsed at once, the 
 as it arrives (reading pauses while more than ``BODY_HIGH`` bytes wait), the response goes out with one
 ``transport.write`` per ``send`` (head and first chunk together), chunked unless the app set a length,
 and a ``send`` waits only while the socket's write buffer is over its high-water mark. The ASGI extension
-``tokenrelay.direct_write`` (``DIRECT_WRITE``) lets the app write a streamed body part synchronously from a
-callback when a ``send`` would not wait (transport/http.py uses it: no task wake-up per chunk). A client that
-disconnects turns ``receive()`` into ``http.disconnect`` and later writes into no-ops. WebSocket
+``tokenrelay.sync_response`` (``SYNC_RESPONSE``) is the response's synchronous side: the app may write a
+streamed body part from a callback when a ``send`` would not wait, and have a callback run when the client
+disconnects (transport/http.py uses both: no task wake-up per chunk, no watcher task per request). A
+client that disconnects turns ``receive()`` into ``http.disconnect`` and later writes into no-ops. WebSocket
 upgrades go through the ``websockets`` package's sans-I/O protocol. Keep-alive, ``Expect: 100-continue``,
 TLS (ALPN ``http/1.1``) and lifespan events are supported; pipelined requests wait their turn.
 
@@ -49,9 +50,10 @@ log = logging.getLogger("tokenrelay.server")
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
-# scope["extensions"][DIRECT_WRITE]: the response's synchronous lane (``_Cycle.writable``/``write_body``), for
-# an app that writes stream chunks from a callback without a task switch (transport/http.py does)
-DIRECT_WRITE = "tokenrelay.direct_write"
+# scope["extensions"][SYNC_RESPONSE]: the response's synchronous side (``_Cycle.writable``, ``write_body``,
+# ``watch_disconnect``), for an app that writes stream chunks and learns of a client leaving from callbacks,
+# without a task switch (transport/http.py does)
+SYNC_RESPONSE = "tokenrelay.sync_response"
 App = Callable[
     [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
 ]
@@ -94,6 +96,7 @@ class _Cycle:
         "head_only",
         "headers",
         "keep_alive",
+        "on_gone",
         "response_done",
         "started",
         "status",
@@ -114,6 +117,26 @@ class _Cycle:
         self.headers: list[tuple[bytes, bytes]] = []
         self.final_sent = False
         self.waiter: asyncio.Future[None] | None = None
+        self.on_gone: Callable[[], None] | None = None
+
+    def watch_disconnect(self, on_gone: Callable[[], None]) -> Callable[[], None]:
+        """Call ``on_gone`` once the client's connection closes (now, if it has); returns the way to stop
+        watching. What a task waiting on ``receive()`` for ``http.disconnect`` would learn, without one."""
+        if self.conn.closed:
+            on_gone()
+        else:
+            self.on_gone = on_gone
+        return self._unwatch
+
+    def _unwatch(self) -> None:
+        self.on_gone = None
+
+    def gone(self) -> None:
+        """The connection closed: wake a ``receive()`` and tell a watcher."""
+        self.wake()
+        on_gone, self.on_gone = self.on_gone, None
+        if on_gone is not None:
+            on_gone()
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -278,7 +301,7 @@ class HttpConnection(asyncio.Protocol):
             self.idle_timer.cancel()
         self.state.closed_one(self)
         if self.cycle is not None:
-            self.cycle.wake()
+            self.cycle.gone()
         if self.ws is not None:
             self.ws.lost()
         if self.write_paused is not None and not self.write_paused.done():
@@ -405,7 +428,7 @@ class HttpConnection(asyncio.Protocol):
         scope["method"] = method.decode("ascii", "replace")
         scope["scheme"] = self.scheme
         cycle = self.cycle = _Cycle(self, keep_alive, method == b"HEAD")
-        scope["extensions"] = {DIRECT_WRITE: cycle}
+        scope["extensions"] = {SYNC_RESPONSE: cycle}
         self.body_chunked = chunked
         self.chunk_state = "size"
         self.body_left = length or 0
