@@ -77,7 +77,9 @@ class Gateway:
         self.started_at = int(time.time())
         self.startup_errors: dict[str, str] = {}
         self.evicted = 0  # readers dropped for reading too slowly
-        self.retired_lanes = [0, 0]  # finished streams' pushed batches and direct writes (GET /stats)
+        # finished streams' batches pushed by their provider and written directly to a client (GET /stats)
+        self.pushed_batches = 0
+        self.direct_writes = 0
         # finished streams of the last minutes, for the dashboard: (time, first token s, tokens/s, failed)
         self.recent: deque[tuple[float, float | None, float | None, bool]] = deque(maxlen=20_000)
         self.pool: HttpPool | None = None
@@ -232,8 +234,8 @@ class Gateway:
 
     def _retire(self, session: StreamSession) -> None:
         self.streams.pop(session.id, None)
-        self.retired_lanes[0] += session.pushed
-        self.retired_lanes[1] += session.written_direct
+        self.pushed_batches += session.pushed
+        self.direct_writes += session.written_direct
         if session.gate is not None:
             session.gate.release()
             session.gate = None

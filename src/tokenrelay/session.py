@@ -122,17 +122,16 @@ class StreamSession:
         elif self.batch_gaps is not None:
             self.batch_gaps.observe(now - self._last_batch)
         self._last_batch = now
-        start = len(self.events)
-        self.events.extend(batch)
-        if self.sink is not None:
-            self.sink(self, start, batch)
+        start = self._append(batch)
         self._wake(-1 if type(batch[-1]) in _TERMINAL_TYPES else start)
 
-    def _append(self, batch: list[Event]) -> None:
+    def _append(self, batch: list[Event]) -> int:
+        """Add ``batch`` to the log (and the shared store); returns the index of its first event."""
         start = len(self.events)
         self.events.extend(batch)
         if self.sink is not None:
             self.sink(self, start, batch)
+        return start
 
     def push(self, batch: list[Event]) -> bool:
         """A provider's non-terminal batch, from its socket callback while this session's task waits inside

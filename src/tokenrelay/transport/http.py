@@ -542,8 +542,8 @@ class HttpApp:
                 "log_events": sum(len(st.events) for st in gw.streams.values()),
                 # the fast lanes since start: batches pushed from the upstream socket's callback, and
                 # batches a client got without its handler waking up
-                "pushed_batches": gw.retired_lanes[0] + sum(st.pushed for st in gw.streams.values()),
-                "direct_writes": gw.retired_lanes[1] + sum(st.written_direct for st in gw.streams.values()),
+                "pushed_batches": gw.pushed_batches + sum(st.pushed for st in gw.streams.values()),
+                "direct_writes": gw.direct_writes + sum(st.written_direct for st in gw.streams.values()),
                 "evicted_readers": gw.evicted,
                 "models": {
                     n: {
@@ -757,7 +757,7 @@ class HttpApp:
                 if not batch:
                     data = keepalive
                 elif numbered:
-                    data = encode_numbered(encoder, batch, follower.cursor - len(batch))
+                    data = encode_numbered(encoder, batch, delivered)
                 else:
                     data = encoder.encode(batch)
                 if data:

@@ -79,6 +79,11 @@ class _BadRequest(Exception):
         self.text = text
 
 
+def _chunk(body: bytes) -> bytes:
+    """``body`` framed as one chunk of a chunked response."""
+    return b"%x\r\n%s\r\n" % (len(body), body)
+
+
 def _status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "Status").encode())
 
@@ -197,7 +202,7 @@ class _Cycle:
         if not self.head_only:
             if self.chunked_out:
                 if body:
-                    out += b"%x\r\n%s\r\n" % (len(body), body)
+                    out += _chunk(body)
                 if not more:
                     out += b"0\r\n\r\n"
             else:
@@ -222,7 +227,7 @@ class _Cycle:
     def write_body(self, body: bytes) -> None:
         """One more part of a streamed body, written now; only after ``writable()`` said yes."""
         if body:
-            self.conn.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+            self.conn.transport.write(_chunk(body))
 
     def _head(self, length: int | None) -> bytes:
         if not self.status:
@@ -764,10 +769,12 @@ class Acceptor:
             self.reading = False
             self.loop.remove_reader(self.sock.fileno())
 
+    def _full(self) -> bool:
+        return len(self.state.connections) + self.opening >= self.state.max_connections
+
     def _ready(self) -> None:
-        state = self.state
         for _ in range(self.BATCH):
-            if len(state.connections) + self.opening >= state.max_connections:
+            if self._full():
                 self.stop()  # closed_one() starts it again
                 return
             try:
@@ -794,7 +801,7 @@ class Acceptor:
             client.close()
         finally:
             self.opening -= 1
-            if not self.reading and len(self.state.connections) + self.opening < self.state.max_connections:
+            if not self.reading and not self._full():
                 self.start()  # stopped at the cap by connections that then never opened
 
 
