@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -111,12 +112,17 @@ def test_one_json_log_line_per_request_with_its_ids(gateway: Server) -> None:
     assert entry["status"] == 200 and entry["ttft_ms"] is not None
 
 
-def fresh_get(gw: Server, path: str) -> int:
-    """The status of ``GET path`` on a new connection."""
+def ready_on_fresh_connection(gw: Server) -> tuple[int, int]:
+    """On one new connection (so one worker): that worker's pid (``/stats``) and its ``/readyz`` status."""
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
     try:
-        conn.request("GET", path)
-        return conn.getresponse().status
+        conn.request("GET", "/stats")
+        stats = conn.getresponse()
+        pid = json.loads(stats.read())["worker_pid"]
+        conn.request("GET", "/readyz")
+        ready = conn.getresponse()
+        ready.read()
+        return pid, ready.status
     finally:
         conn.close()
 
@@ -129,9 +135,17 @@ def test_workers_add_up_in_every_scrape(tmp_path: Path) -> None:
     requests = 24
     shared_before = set(Path(tempfile.gettempdir()).glob("tokenrelay-metrics-*"))
     with serving(tmp_path, config, args=("--workers", "2")) as gw:
-        # serving() saw one worker ready; the other may still be loading: ready answers on 20 fresh
-        # connections in a row (the kernel spreads them over both workers)
-        wait_for(lambda: all(fresh_get(gw, "/readyz") == 200 for _ in range(20)), timeout=30)
+        # serving() saw one worker ready; the other may still be starting (and answer 503 meanwhile):
+        # wait until each worker, known by its pid, has said it is ready
+        ready_pids: set[int] = set()
+
+        def both_ready() -> bool:
+            pid, status = ready_on_fresh_connection(gw)
+            if status == 200:
+                ready_pids.add(pid)
+            return len(ready_pids) == 2
+
+        wait_for(both_ready, timeout=30)
         for _ in range(requests):  # raw_post opens a new connection each time
             resp = raw_post(gw.port, "/v1/chat/completions", {"model": "demo", "messages": MESSAGES})
             assert resp.status == 200
