@@ -105,7 +105,7 @@ PROTOCOLS: dict[str, Streamer] = {
 @pytest.mark.parametrize("protocol", [p for p in PROTOCOLS if p != "ollama"])
 def test_same_text_everywhere(gateway: Server, protocol: str, model: str) -> None:
     # paced, so each token is its own upstream read (a burst may be coalesced into fewer messages)
-    mock = {"text": TEXT, "tokens_per_second": 200}
+    mock = {"text": TEXT, "tokens_per_second": 100}
     pieces = PROTOCOLS[protocol](gateway, model, {"max_tokens": 50, "mock": mock})
     assert "".join(pieces) == TEXT
     assert len(pieces) == len(TEXT.split())  # streamed token by token, in every protocol
