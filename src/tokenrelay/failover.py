@@ -79,14 +79,58 @@ def continuation(req: ChatRequest, prefix: str, tokens_sent: int) -> ChatRequest
 
 
 class _Watch:
-    """The attempt's timing, read by its watchdog."""
+    """The attempt's timing and its self-re-arming watchdog: one timer per attempt, not one per read.
+    A class rather than closures: a closure that re-arms itself is a reference cycle, left to the cyclic
+    collector once per request (15 objects each); ``stop()`` drops the handle and nothing is cyclic."""
 
-    __slots__ = ("first", "read_at", "reading")
+    __slots__ = (
+        "deadline",
+        "first",
+        "first_limit",
+        "idle_limit",
+        "loop",
+        "read_at",
+        "reading",
+        "started",
+        "timer",
+    )
 
-    def __init__(self, now: float) -> None:
-        self.read_at = now
+    def __init__(self, loop: asyncio.AbstractEventLoop, first_limit: float, idle_limit: float) -> None:
+        self.loop = loop
+        self.started = self.read_at = loop.time()
+        self.first_limit = first_limit
+        self.idle_limit = idle_limit
         self.reading = False
         self.first = False
+        self.deadline: asyncio.Timeout | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self, deadline: asyncio.Timeout) -> None:
+        self.deadline = deadline
+        self.timer = self.loop.call_at(self.started + self.first_limit, self.fire)
+
+    def fire(self) -> None:
+        now = self.loop.time()
+        if not self.reading:  # the stream is paused by its reader, not stalled
+            self.read_at = now
+        due = self.read_at + self.idle_limit if self.first else self.started + self.first_limit
+        if self.reading and now >= due:
+            self.timer = None
+            self.deadline.reschedule(now)  # type: ignore[union-attr]  # TimeoutError in the attempt
+        else:
+            self.timer = self.loop.call_at(max(due, now + 0.001), self.fire)
+
+    def first_content(self) -> None:
+        self.first = True  # from now on the stall limit applies, from the next read
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = self.loop.call_at(self.loop.time() + self.idle_limit, self.fire)
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.deadline = None
 
 
 class _Failed(Exception):
@@ -110,8 +154,7 @@ async def _attempt(
     fails before any content, ``_Failed`` if it fails with an error another deployment could repair."""
     cfg = dep.cfg
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    watch = _Watch(started)
+    watch = _Watch(loop, cfg.first_token_timeout, cfg.idle_timeout)
     splicing = hold_tools or trim_first or drop_reasoning or credit[0] or credit[1]
 
     def shape(batch: list[Event]) -> list[Event]:
@@ -121,32 +164,13 @@ async def _attempt(
             trim_first = False
         return batch
 
-    timer: list[asyncio.TimerHandle] = []
-    deadline: list[asyncio.Timeout] = []
-
-    def watchdog() -> None:
-        now = loop.time()
-        if not watch.reading:  # the stream is paused by its reader, not stalled
-            watch.read_at = now
-        limit = cfg.idle_timeout if watch.first else cfg.first_token_timeout
-        due = (watch.read_at if watch.first else started) + limit
-        if watch.reading and now >= due:
-            deadline[0].reschedule(now)  # TimeoutError below
-        else:
-            timer[0] = loop.call_at(max(due, now + 0.001), watchdog)
-
-    def first_content() -> None:
-        watch.first = True  # from now on the stall limit applies, from the next read
-        timer[0].cancel()
-        timer[0] = loop.call_at(loop.time() + cfg.idle_timeout, watchdog)
-
     lane: Push | None = None
     if push is not None:
         session_push = push
 
         def lane(batch: list[Event]) -> bool:
             if not watch.first:
-                first_content()
+                watch.first_content()
             watch.read_at = loop.time()
             if splicing:
                 batch = shape(batch)
@@ -157,8 +181,7 @@ async def _attempt(
     source = dep.provider.stream(req, lane)
     try:
         async with asyncio.timeout(None) as scope:
-            deadline.append(scope)
-            timer.append(loop.call_at(started + cfg.first_token_timeout, watchdog))
+            watch.start(scope)
             try:
                 while True:
                     watch.read_at = loop.time()
@@ -172,7 +195,7 @@ async def _attempt(
                         yield batch
                         continue
                     if not watch.first:
-                        first_content()
+                        watch.first_content()
                     last = batch[-1]
                     failed = type(last) is Error and fails_over(last)
                     if failed:
@@ -190,7 +213,7 @@ async def _attempt(
                             await source.__anext__()
                         return
             finally:
-                timer[0].cancel()
+                watch.stop()
         raise _Failed(Error(type="upstream_disconnect", message="the model's stream ended unfinished"))
     except TimeoutError:
         what, limit = (
