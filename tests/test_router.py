@@ -22,7 +22,7 @@ def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     dear, low = {"input": 5, "output": 15}, {"input": 0.1, "output": 0.4}
     config = {
         "models": [
-            {"name": "sluggish", "provider": "mock", "options": {**mock, "first_token_ms": 300}},
+            {"name": "sluggish", "provider": "mock", "options": {**mock, "first_token_ms": 1000}},
             {"name": "quick", "provider": "mock", "options": {**mock, "first_token_ms": 10}},
             {"name": "pricey", "provider": "mock", "options": mock, "price": dear},
             {"name": "cheap", "provider": "mock", "options": mock, "price": low},
@@ -59,7 +59,8 @@ def auto_route(server: Server, model: str) -> dict[str, Any]:
 
 
 def test_latency_is_learned_from_traffic(routed: Server) -> None:
-    # with nothing learned, each deployment is tried once; then the faster one wins every time
+    # with nothing learned, each deployment is tried once; then the faster one wins every time (1 s apart in
+    # first-token time: one sample of "quick" slowed by a busy machine must not make it the slower one)
     first = [served_by(routed, "fastest") for _ in range(2)]
     assert sorted(first) == ["quick", "sluggish"]
     assert [served_by(routed, "fastest") for _ in range(4)] == ["quick"] * 4

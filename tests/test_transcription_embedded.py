@@ -291,7 +291,8 @@ def test_a_client_that_leaves_stops_the_decoding(gw: Server, client: openai.Open
         t0 = time.perf_counter()
         cancelled += 1
         wait_for(lambda: stats()["active"] == 0, timeout=10)
-        assert time.perf_counter() - t0 < 3, stream  # within a piece, not after the whole minute
+        # within a piece or two, not after the whole minute (~15 s); pieces take longer on a loaded machine
+        assert time.perf_counter() - t0 < 5, stream
         assert stats()["cancelled"] == cancelled, stream
 
 
