@@ -40,14 +40,15 @@ install-test: $(STAMPS)/install-test
 serve: $(STAMPS)/install
 	$(VENV)/bin/tokenrelay serve $(if $(CONFIG),--config $(CONFIG))
 
-# the suite runs on the default HTTP server (granian); the stream, error, resume, backpressure and WebSocket
-# tests run once more on the built-in one (--server builtin)
-BUILTIN_SERVER_TESTS = tests/test_chat_stream.py tests/test_errors.py tests/test_stream_lifecycle.py \
-	tests/test_backpressure.py tests/test_resume.py tests/test_websocket.py tests/test_anthropic.py
+# the suite runs on the default HTTP server (the built-in one); the stream, error, resume, backpressure,
+# client and WebSocket tests run once more on granian (--server granian)
+GRANIAN_SERVER_TESTS = tests/test_chat_stream.py tests/test_errors.py tests/test_stream_lifecycle.py \
+	tests/test_backpressure.py tests/test_resume.py tests/test_websocket.py tests/test_anthropic.py \
+	tests/test_client.py
 
 test: $(STAMPS)/install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
-	TOKENRELAY_HTTP_SERVER=builtin $(PY) -m pytest -q -p no:cacheprovider $(BUILTIN_SERVER_TESTS)
+	TOKENRELAY_HTTP_SERVER=granian $(PY) -m pytest -q -p no:cacheprovider $(GRANIAN_SERVER_TESTS)
 
 lint: $(STAMPS)/install-test
 	$(VENV)/bin/ruff check src tests examples $(wildcard benchmarks)

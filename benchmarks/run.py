@@ -17,8 +17,8 @@ the targets, and with ``--out`` writes or replaces a marked section in that file
 
 ``--scale`` is the issue-7 suite (``make bench``): levels of 5 and 100 streams with the fast
 profile (tokens 20 ms apart), 1,000 and 10,000 with the paced one (one token per second) and a
-saturation level; targets direct, nginx, tokenrelay with 1 worker (granian, and the built-in server)
-and with 2 workers, and the Anthropic
+saturation level; targets direct, nginx, tokenrelay with 1 worker (the built-in server, the
+default, and granian) and with 2 workers, and the Anthropic
 and WebSocket protocols through the 1-worker gateway. The gateway runs with its features on: an
 API key on a plan with a (never reached) rate limit, usage and audit records in SQLite, metrics and
 the in-memory resume log. It writes its own section (``tokenrelay-scale`` markers) and a PNG plot.
@@ -68,7 +68,7 @@ TARGET_ORDER = (
     "direct",
     "nginx",
     "tokenrelay",
-    "tokenrelay-builtin",
+    "tokenrelay-granian",
     "tokenrelay-2w",
     "tokenrelay-anthropic",
     "tokenrelay-ws",
@@ -939,7 +939,7 @@ def start_targets(
                 f"nginx reference: {version}, worker_processes 1, proxy_buffering off, upstream keepalive."
             )
             targets.append(Target("nginx", port, svc))
-        elif name in ("tokenrelay", "tokenrelay-builtin", "tokenrelay-2w"):
+        elif name in ("tokenrelay", "tokenrelay-granian", "tokenrelay-2w"):
             workers = 2 if name == "tokenrelay-2w" else args.workers
             cfg = relay_config(args, tmp, name, up_port)
             if args.features:
@@ -949,7 +949,7 @@ def start_targets(
                     first = next(tmp.glob("tokenrelay*.db"), None)
                     if first is not None:
                         shutil.copy(first, tmp / f"{name}.db")
-            extra = ("--server", "builtin") if name == "tokenrelay-builtin" else ()
+            extra = ("--server", "granian") if name == "tokenrelay-granian" else ()
             port, svc, failed = start_tokenrelay(args, tmp, name, cfg, workers, services, extra)
             if failed:
                 notes.append(f"{name} failed to start:\n\n```\n{failed}\n```")
@@ -1056,7 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.features is None:
         args.features = args.scale
     if args.targets is None:
-        args.targets = ",".join(TARGET_ORDER) if args.scale else "direct,nginx,tokenrelay,tokenrelay-builtin"
+        args.targets = ",".join(TARGET_ORDER) if args.scale else "direct,nginx,tokenrelay,tokenrelay-granian"
     levels = parse_levels(args)
     nofile = raise_nofile()
 
@@ -1268,7 +1268,7 @@ def scale_checks(summary: dict[tuple[str, str], Row], levels: list[Level]) -> li
     def verdict(ok: bool | None) -> str:
         return "—" if ok is None else ("PASS" if ok else "FAIL")
 
-    relays = ("tokenrelay", "tokenrelay-builtin", "tokenrelay-2w")
+    relays = ("tokenrelay", "tokenrelay-granian", "tokenrelay-2w")
     keys = [lv.key for lv in levels]
     for lv in keys:
         ngx = get(lv, "nginx", "chunks_per_cpu_s")
@@ -1423,7 +1423,8 @@ def render_scale(
             if args.features
             else "open mode (no keys), default settings. "
         )
-        + "`tokenrelay` runs on granian, `tokenrelay-builtin` on the built-in server (`--server builtin`); "
+        + "`tokenrelay` runs on the built-in server (the default), `tokenrelay-granian` on granian "
+        "(`--server granian`); "
         "`tokenrelay-2w` is `--workers 2` (SO_REUSEPORT, state per worker, no Redis); "
         "`tokenrelay-anthropic` and `tokenrelay-ws` are the 1-worker gateway through `/v1/messages` and "
         "`/v1/ws/chat`.",
@@ -1469,7 +1470,7 @@ def plot_scale(summary: dict[tuple[str, str], Row], levels: list[Level], out: Pa
     styles = {
         "nginx": ("tab:gray", "s", "-"),
         "tokenrelay": ("tab:blue", "o", "-"),
-        "tokenrelay-builtin": ("tab:cyan", "P", "--"),
+        "tokenrelay-granian": ("tab:cyan", "P", "--"),
         "tokenrelay-2w": ("tab:green", "^", "-"),
         "tokenrelay-anthropic": ("tab:orange", "D", ":"),
         "tokenrelay-ws": ("tab:purple", "v", ":"),

@@ -1,6 +1,6 @@
 """HTTP/2 (h2c with prior knowledge) with httpx's HTTP/2 client: streams multiplexed on one connection.
 
-HTTP/2 is granian's (the default ``--server granian``); the built-in server speaks HTTP/1.1 only."""
+HTTP/2 is granian's (``--server granian``); the built-in server, the default, speaks HTTP/1.1 only."""
 
 from __future__ import annotations
 

@@ -223,7 +223,7 @@ def serve(
     workers: Annotated[int | None, typer.Option(help="worker processes sharing the port")] = None,
     http_server: Annotated[
         str | None,
-        typer.Option("--server", help="granian (default; HTTP/2 too) or builtin (HTTP/1.1)"),
+        typer.Option("--server", help="builtin (default; HTTP/1.1 + WebSocket) or granian (HTTP/2 too)"),
     ] = None,
     grpc_port: Annotated[int | None, typer.Option("--grpc-port", help="also serve the gRPC API here")] = None,
     ssl_certfile: Annotated[str | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM)")] = None,

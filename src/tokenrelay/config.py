@@ -164,8 +164,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     workers: int = 1
-    # granian (HTTP/1.1 and HTTP/2), or tokenrelay's own one-thread HTTP/1.1 server (transport/server.py)
-    http_server: Literal["granian", "builtin"] = "granian"
+    # tokenrelay's own one-thread HTTP/1.1 + WebSocket server (transport/server.py), or granian (HTTP/1.1 and
+    # HTTP/2); docs/deployment.md says why the built-in one is the default
+    http_server: Literal["granian", "builtin"] = "builtin"
     keepalive_seconds: float = 15.0
     max_body_bytes: int = 8 * 1024 * 1024
     on_disconnect: Literal["cancel", "continue"] = "cancel"

@@ -1,22 +1,24 @@
 """tokenrelay's own HTTP/1.1 + WebSocket server for the ASGI app: one thread, one uvloop loop per worker.
 
-``tokenrelay serve --server builtin`` (or ``server.http_server: builtin``) runs the app with this instead of
-granian. Why it exists (docs/performance.md): granian does its socket I/O on Rust threads and hands every
-request, body read and response write across threads to the Python loop, and on a VM each hand-off that
-wakes an idle vCPU costs hundreds of microseconds. Measured on the same machine and app, sequential
-requests: first-token time p50 1.35-1.45 ms here against 2.0-3.0 ms under granian (direct to the upstream:
-0.42 ms), p90 1.6-1.8 against 3.5-6.7 ms. What it does not do: HTTP/2 (served by granian, the default).
+The default server of ``tokenrelay serve`` (``--server granian`` runs granian instead). Why it exists
+(docs/performance.md): granian does its socket I/O on Rust threads and hands every request, body read and
+response write across threads to the Python loop, and on a VM each hand-off that wakes an idle vCPU costs
+hundreds of microseconds. Measured on the same machine and app, sequential requests: first-token time p50
+1.35-1.45 ms here against 2.0-3.0 ms under granian (direct to the upstream: 0.42 ms), p90 1.6-1.8 against
+3.5-6.7 ms. What it does not do: HTTP/2 (served by granian).
 
 Per connection an ``asyncio.Protocol``: the request head is parsed at once, the body is handed to the app
 as it arrives (reading pauses while more than ``BODY_HIGH`` bytes wait), the response goes out with one
-``transport.write`` per ``send`` (head and first chunk together), chunked unless the app set a length,
-and a ``send`` waits only while the socket's write buffer is over its high-water mark. The ASGI extension
+``transport.write`` per ``send`` (a streamed answer's head as soon as the app starts it, since clients
+start their first-token timers there), chunked unless the app set a length, and a ``send`` waits only
+while the socket's write buffer is over its high-water mark. The ASGI extension
 ``tokenrelay.sync_response`` (``SYNC_RESPONSE``) is the response's synchronous side: the app may write a
 streamed body part from a callback when a ``send`` would not wait, and have a callback run when the client
 disconnects (transport/http.py uses both: no task wake-up per chunk, no watcher task per request). A
-client that disconnects turns ``receive()`` into ``http.disconnect`` and later writes into no-ops. WebSocket
-upgrades go through the ``websockets`` package's sans-I/O protocol. Keep-alive, ``Expect: 100-continue``,
-TLS (ALPN ``http/1.1``) and lifespan events are supported; pipelined requests wait their turn.
+client that disconnects turns ``receive()`` into ``http.disconnect`` and later writes into no-ops.
+WebSocket upgrades go through the ``websockets`` package's sans-I/O protocol. Keep-alive, ``Expect:
+100-continue``, TLS (ALPN ``http/1.1``) and lifespan events are supported; pipelined requests wait their
+turn.
 
 With ``--workers N`` the parent forks N processes, each with its own ``SO_REUSEPORT`` listening socket
 (the kernel spreads connections), restarts a worker that dies and stops them all on SIGTERM/SIGINT.
