@@ -159,3 +159,47 @@ def test_a_keyed_chain_cannot_be_rebuilt_without_the_key(tmp_path: Path) -> None
     with_key, without = asyncio.run(run())
     assert with_key is None
     assert without is not None and "record 1" in without  # plain SHA-256 over the same data does not match
+
+
+async def close_during_commit(url: str) -> tuple[int, int]:
+    """Queue a full batch, and close the writer while its own task is committing that batch."""
+    from sqlalchemy import event, func, select, text
+
+    from tokenrelay.records import FLUSH_BATCH, RecordWriter, UsageRecord
+
+    store = Store(url)
+    await store.start()
+    try:
+        async with store.engine.begin() as conn:
+            await conn.execute(text("DELETE FROM audit_records"))
+            await conn.execute(text("DELETE FROM usage_records"))
+        committing = asyncio.Event()
+        # fires just before the driver's COMMIT is awaited: the writer task is inside its flush then
+        event.listen(store.engine.sync_engine, "commit", lambda conn: committing.set())
+        writer = RecordWriter(store)
+        await writer.start()
+        for i in range(FLUSH_BATCH):  # a full batch wakes the writer task at once
+            writer.add(record(i))
+        await asyncio.wait_for(committing.wait(), 10)
+        await writer.close()
+        async with store.engine.begin() as conn:
+            count = (await conn.execute(select(func.count()).select_from(UsageRecord))).scalar_one()
+        return count, writer.written
+    finally:
+        await store.close()
+
+
+def test_closing_mid_flush_writes_each_record_once(tmp_path: Path) -> None:
+    """A SIGTERM while the writer task commits a batch: the batch is written once, not again by close()."""
+    from tokenrelay.records import FLUSH_BATCH
+
+    assert asyncio.run(close_during_commit(f"sqlite+aiosqlite:///{tmp_path / 'records.db'}")) == (
+        FLUSH_BATCH,
+        FLUSH_BATCH,
+    )
+
+
+def test_closing_mid_flush_writes_each_record_once_postgres(postgres_url: str) -> None:
+    from tokenrelay.records import FLUSH_BATCH
+
+    assert asyncio.run(close_during_commit(postgres_url)) == (FLUSH_BATCH, FLUSH_BATCH)
