@@ -249,3 +249,43 @@ def test_connections_past_the_descriptor_cap_wait_in_the_accept_queue(tmp_path: 
     assert all(stream.rstrip().endswith(b"data: [DONE]") for _, stream in results)
     queued = sum(1 for waited, _ in results if waited > 0.4)
     assert queued >= 30, sorted(round(w, 2) for w, _ in results)
+
+
+def data_segments_in(sock: socket.socket) -> int:
+    """Segments with data this socket has received (Linux ``tcp_info.tcpi_data_segs_in``, since 4.6)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int.from_bytes(info[152:156], "little")
+
+
+def test_a_streamed_head_goes_with_a_first_token_that_is_ready_and_alone_when_it_is_not(
+    gateway: Server,
+) -> None:
+    """A stream whose first token is already there when its head is sent: head and token in one write (one
+    segment: the client wakes once); a slow first token: the head goes out at once, on its own (a client's
+    first-token timer starts at the head)."""
+    import time
+
+    def first_segments(first_token_ms: int) -> tuple[int, bytes, float]:
+        body = chat_body(stream=True, mock={"first_token_ms": first_token_ms, "tokens_per_second": 2})
+        with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
+            t0 = time.monotonic()
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            first = sock.recv(65536)
+            waited = time.monotonic() - t0
+            time.sleep(0.2)  # the second token is 500 ms away: anything more now came as its own write
+            sock.setblocking(False)
+            try:
+                first += sock.recv(65536)
+            except BlockingIOError:
+                pass
+            return data_segments_in(sock), first, waited
+
+    segments, data, _ = first_segments(0)
+    assert data.startswith(b"HTTP/1.1 200") and b'"content":' in data, data
+    assert segments == 1, segments
+    segments, data, waited = first_segments(1500)
+    assert data.startswith(b"HTTP/1.1 200") and b"data:" not in data and waited < 1.0, (data, waited)
+    assert segments == 1, segments

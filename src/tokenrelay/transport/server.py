@@ -9,8 +9,8 @@ hundreds of microseconds. Measured on the same machine and app, sequential reque
 
 Per connection an ``asyncio.Protocol``: the request head is parsed at once, the body is handed to the app
 as it arrives (reading pauses while more than ``BODY_HIGH`` bytes wait), the response goes out with one
-``transport.write`` per ``send`` (a streamed answer's head as soon as the app starts it, since clients
-start their first-token timers there), chunked unless the app set a length, and a ``send`` waits only
+``transport.write`` per ``send`` (a streamed answer's head in the loop pass the app starts it, since
+clients start their first-token timers there, with the first body part when that follows in the same pass), chunked unless the app set a length, and a ``send`` waits only
 while the socket's write buffer is over its high-water mark. The ASGI extension
 ``tokenrelay.sync_response`` (``SYNC_RESPONSE``) is the response's synchronous side: the app may write a
 streamed body part from a callback when a ``send`` would not wait, and have a callback run when the client
@@ -104,6 +104,7 @@ class _Cycle:
         "headers",
         "keep_alive",
         "on_gone",
+        "pending_head",
         "response_done",
         "started",
         "status",
@@ -125,6 +126,7 @@ class _Cycle:
         self.final_sent = False
         self.waiter: asyncio.Future[None] | None = None
         self.on_gone: Callable[[], None] | None = None
+        self.pending_head = b""  # a streamed answer's head, until the first body part or the next loop pass
 
     def watch_disconnect(self, on_gone: Callable[[], None]) -> Callable[[], None]:
         """Call ``on_gone`` once the client's connection closes (now, if it has); returns the way to stop
@@ -180,10 +182,14 @@ class _Cycle:
             self.status = message["status"]
             self.headers = list(message.get("headers", ()))
             if not any(name.lower() == b"content-length" for name, _ in self.headers) and not conn.closed:
-                # a streamed answer: its head goes out now, before the first token (a client's first-token
-                # timer starts at the head), as granian does; one with a length waits for its body
-                conn.transport.write(self._head(None))
+                # a streamed answer: its head goes out before the first token (a client's first-token timer
+                # starts at the head), as granian does, but not with a write of its own when the first body
+                # part follows in the same loop pass (a stream whose first token is already here): then
+                # both go in one write and the client wakes once. ``flush_head`` writes it alone otherwise.
+                # One with a length waits for its body.
+                self.pending_head = self._head(None)
                 self.started = True
+                conn.loop.call_soon(self.flush_head)
             return
         if kind != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
@@ -197,7 +203,8 @@ class _Cycle:
             return  # the client left: the app learns it from receive()
         body = message.get("body", b"")
         more = message.get("more_body", False)
-        out = b""
+        out = self.pending_head
+        self.pending_head = b""
         if not self.started:
             out = self._head(len(body) if not more else None)
             self.started = True
@@ -229,7 +236,18 @@ class _Cycle:
     def write_body(self, body: bytes) -> None:
         """One more part of a streamed body, written now; only after ``writable()`` said yes."""
         if body:
-            self.conn.transport.write(_chunk(body))
+            if self.pending_head:
+                self.conn.transport.write(self.pending_head + _chunk(body))
+                self.pending_head = b""
+            else:
+                self.conn.transport.write(_chunk(body))
+
+    def flush_head(self) -> None:
+        """Write a streamed answer's head that no body part took along."""
+        if self.pending_head:
+            if not self.conn.closed:
+                self.conn.transport.write(self.pending_head)
+            self.pending_head = b""
 
     def _head(self, length: int | None) -> bytes:
         if not self.status:
@@ -536,6 +554,7 @@ class HttpConnection(asyncio.Protocol):
         if cycle.response_done or self.closed:
             return
         if cycle.started:
+            cycle.flush_head()
             self.transport.close()  # a response cut short: the client must not take it as whole
             self.closed = True
             return
