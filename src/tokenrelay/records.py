@@ -163,7 +163,8 @@ class RecordWriter:
         async with self._lock:
             if self._task is not None:
                 self._task.cancel()
-                await asyncio.wait([self._task])  # unlike ``await task``, our own cancellation still propagates
+                # ``asyncio.wait``, not ``await task``: our own cancellation still propagates
+                await asyncio.wait([self._task])
                 self._task = None
             await self._flush()
 

@@ -10,8 +10,9 @@ hundreds of microseconds. Measured on the same machine and app, sequential reque
 Per connection an ``asyncio.Protocol``: the request head is parsed at once, the body is handed to the app
 as it arrives (reading pauses while more than ``BODY_HIGH`` bytes wait), the response goes out with one
 ``transport.write`` per ``send`` (a streamed answer's head in the loop pass the app starts it, since
-clients start their first-token timers there, with the first body part when that follows in the same pass), chunked unless the app set a length, and a ``send`` waits only
-while the socket's write buffer is over its high-water mark. The ASGI extension
+clients start their first-token timers there, together with the first body part when that follows in the
+same pass), chunked unless the app set a length, and a ``send`` waits only while the socket's write buffer
+is over its high-water mark. The ASGI extension
 ``tokenrelay.sync_response`` (``SYNC_RESPONSE``) is the response's synchronous side: the app may write a
 streamed body part from a callback when a ``send`` would not wait, and have a callback run when the client
 disconnects (transport/http.py uses both: no task wake-up per chunk, no watcher task per request). A
