@@ -237,11 +237,8 @@ class _Cycle:
     def write_body(self, body: bytes) -> None:
         """One more part of a streamed body, written now; only after ``writable()`` said yes."""
         if body:
-            if self.pending_head:
-                self.conn.transport.write(self.pending_head + _chunk(body))
-                self.pending_head = b""
-            else:
-                self.conn.transport.write(_chunk(body))
+            head, self.pending_head = self.pending_head, b""  # b"" + chunk is the chunk itself, no copy
+            self.conn.transport.write(head + _chunk(body))
 
     def flush_head(self) -> None:
         """Write a streamed answer's head that no body part took along."""
